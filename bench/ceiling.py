@@ -1,0 +1,426 @@
+"""The in-process ceiling: the bundle's ONNX graph driven directly, no HTTP, no queue, no event loop.
+
+Whatever a server adds (parsing, scheduling, copies, JSON) can only cost time, so the best throughput measured
+here, with the same texts, tokenizer and ONNX Runtime settings as the service, is what no server on this machine
+can beat. Every batch size in ``--batch-sizes`` is run in arrival order (the texts as they come, padded to the
+longest in each batch) and length-sorted (batches of similar lengths, the best a batcher could do), each with the
+fast tokenizer inside the timed loop (what a server must also do: this is the ceiling) and pre-tokenized (to show
+what tokenization costs). Sorted batches are visited in a shuffled order, so a run cut short by
+``--max-seconds`` still sees the whole length distribution.
+
+Each variant's achieved FLOP/s is also reported as a fraction of the CPU's fp32 peak (cores x FLOP/cycle x
+clock), with matrix-multiply FLOPs computed from the graph's own dimensions and the real (unpadded) lengths, and
+again for the padded lengths the hardware actually executed.
+
+CLI: ``python -m bench.ceiling --model-dir DIR [--variant fp32] [--texts texts.json] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from bench.workload import length_summary, load_texts, make_texts, percentile
+from service.bundle import Bundle, load_bundle
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+# -- session settings: mirror service/runtime.py, so only the serving strategy differs ---------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def service_threads() -> int:
+    """Intra-op threads as the service chooses them: BERTSERVE_INTRA_OP_THREADS, else every usable core."""
+    value = int(os.environ.get("BERTSERVE_INTRA_OP_THREADS", "0") or 0)
+    return value or len(os.sched_getaffinity(0))
+
+
+def session_options(threads: int, spinning: bool | None = None) -> ort.SessionOptions:
+    """The service's session options (service.runtime.ModelRuntime): full graph optimization, sequential
+    execution, ``threads`` intra-op threads, no memory patterns (shapes change every batch), spinning as
+    BERTSERVE_ORT_SPINNING says (off by default)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_mem_pattern = False
+    spin = _env_flag("BERTSERVE_ORT_SPINNING") if spinning is None else spinning
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
+def make_session(
+    model_path: Path, threads: int, provider: str = "cpu", spinning: bool | None = None
+) -> ort.InferenceSession:
+    providers = [CUDA, CPU] if provider == "cuda" else [CPU]
+    return ort.InferenceSession(str(model_path), sess_options=session_options(threads, spinning), providers=providers)
+
+
+def cuda_active(session: ort.InferenceSession) -> bool:
+    """True only if CUDA really runs the graph: onnxruntime-gpu lists CUDA as available even without a GPU
+    and silently falls back to CPU, so ask the session, not ``get_available_providers()``."""
+    return session.get_providers()[0] == CUDA
+
+
+# -- FLOPs and peak ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ModelDims:
+    """The encoder dimensions that decide matmul FLOPs, read from the graph's weight shapes."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    def flops(self, seq_len: int) -> float:
+        """Multiply-add FLOPs (x2) of one sequence: per layer QKV + output projections 8sH^2, feed-forward
+        4sHI, attention scores and weighted values 4s^2H; plus the pooler 2H^2. Element-wise ops ignored."""
+        s, h, i = seq_len, self.hidden, self.intermediate
+        return self.layers * (8 * s * h * h + 4 * s * h * i + 4 * s * s * h) + 2 * h * h
+
+
+def model_dims(model_path: Path) -> ModelDims | None:
+    """Infer layers/hidden/intermediate from 2-D initializer shapes (works for fp32, fused and int8 graphs).
+
+    hidden H is the width of the word-embedding table (the initializer with the most rows); the feed-forward
+    width I is the most common other dimension of [H, I] / [I, H] weights, and each layer has one of each.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    shapes = [tuple(int(d) for d in init.dims) for init in graph.initializer if len(init.dims) == 2]
+    if not shapes:
+        return None
+    vocab, hidden = max(shapes, key=lambda s: s[0])
+    others: Counter[int] = Counter()
+    for a, b in shapes:
+        if a == hidden and b not in (hidden, 3 * hidden) and b > hidden:
+            others[b] += 1
+        elif b == hidden and a not in (hidden, vocab) and a > hidden and a % hidden == 0:
+            others[a] += 1
+    if not others:
+        return None
+    intermediate = others.most_common(1)[0][0]
+    layers = others[intermediate] // 2
+    return ModelDims(layers, hidden, intermediate, vocab) if layers else None
+
+
+def _cpu_flags_and_clock() -> tuple[set[str], float | None, str]:
+    flags: set[str] = set()
+    mhz: float | None = None
+    model = "unknown"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags, mhz, model
+    if m := re.search(r"^flags\s*:\s*(.*)$", text, re.M):
+        flags = set(m.group(1).split())
+    if m := re.search(r"^model name\s*:\s*(.*)$", text, re.M):
+        model = m.group(1).strip()
+    if m := re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M):
+        mhz = float(m.group(1))
+    max_file = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+    with contextlib.suppress(OSError, ValueError):  # the boost clock, where exposed, is the honest peak
+        mhz = max(mhz or 0.0, int(max_file.read_text()) / 1000.0)
+    return flags, mhz, model
+
+
+def cpu_peak() -> dict[str, Any]:
+    """fp32 peak FLOP/s of the cores this process may use: cores x FLOP/cycle x clock.
+
+    FLOP/cycle assumes two FMA pipes per core: 2 x 8 lanes x 2 = 32 with AVX2+FMA, 64 with AVX-512,
+    16 with AVX only, 8 otherwise. The clock is the kernel's max frequency where exposed, else /proc/cpuinfo.
+    """
+    flags, mhz, model = _cpu_flags_and_clock()
+    if "avx512f" in flags:
+        per_cycle = 64
+    elif {"avx2", "fma"} <= flags:
+        per_cycle = 32
+    elif "avx" in flags:
+        per_cycle = 16
+    else:
+        per_cycle = 8
+    cores = len(os.sched_getaffinity(0))
+    peak = cores * per_cycle * mhz * 1e6 if mhz else None
+    return {"cpu": model, "cores": cores, "flop_per_cycle_per_core": per_cycle, "clock_mhz": mhz, "peak_flops": peak}
+
+
+# -- the measurement -----------------------------------------------------------------------------------
+class Encoder:
+    """The bundle's fast tokenizer configured as the service configures it (truncate, no padding)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(bundle.manifest.max_length)
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+
+def pad(sequences: Sequence[Sequence[int]], with_type_ids: bool) -> dict[str, np.ndarray]:
+    """Right-pad to the longest sequence, as the service does, into int64 model inputs."""
+    length = max(len(s) for s in sequences)
+    input_ids = np.zeros((len(sequences), length), dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    if with_type_ids:
+        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    return feeds
+
+
+def make_runner(session: ort.InferenceSession, io_binding: bool) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """``feeds -> logits``; with I/O binding (CUDA) inputs are copied to the device once and logits back."""
+    output = session.get_outputs()[0].name
+    if not io_binding:
+        return lambda feeds: session.run([output], feeds)[0]
+
+    def run_bound(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        binding = session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output(output, "cuda")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    return run_bound
+
+
+@dataclass
+class VariantResult:
+    batch_size: int
+    order: str
+    tokenize: bool
+    sequences: int
+    seconds: float
+    sequences_per_s: float
+    batch_latency_ms: dict[str, float]
+    real_tokens: int
+    padded_tokens: int
+    padding_ratio: float
+    useful_flops_per_s: float | None
+    executed_flops_per_s: float | None
+    fraction_of_peak: float | None
+    executed_fraction_of_peak: float | None
+
+
+def batches_for(lengths: Sequence[int], batch_size: int, order: str, seed: int) -> list[list[int]]:
+    """Index batches: arrival order as given, or sorted by length then visited in a shuffled order."""
+    indices = list(range(len(lengths)))
+    if order == "sorted":
+        indices.sort(key=lambda i: lengths[i])
+    groups = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if order == "sorted":
+        random.Random(seed).shuffle(groups)
+    return groups
+
+
+def measure(
+    texts: Sequence[str],
+    ids: Sequence[Sequence[int]],
+    encoder: Encoder,
+    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    with_type_ids: bool,
+    batch_size: int,
+    order: str,
+    tokenize: bool,
+    max_seconds: float,
+    dims: ModelDims | None,
+    peak: float | None,
+    seed: int = 0,
+) -> VariantResult:
+    """One pass over the texts (or as much as fits in ``max_seconds``) in batches of ``batch_size``."""
+    lengths = [len(s) for s in ids]
+    groups = batches_for(lengths, batch_size, order, seed)
+    prepared = None if tokenize else [pad([ids[i] for i in g], with_type_ids) for g in groups]
+    for g in groups[:2]:  # warm the arena for these shapes; not timed
+        run(pad([ids[i] for i in g], with_type_ids))
+    latencies: list[float] = []
+    done: list[list[int]] = []
+    perf = time.perf_counter
+    start = perf()
+    for n, group in enumerate(groups):
+        t0 = perf()
+        if prepared is not None:
+            run(prepared[n])
+        else:
+            run(pad(encoder.ids([texts[i] for i in group]), with_type_ids))
+        t1 = perf()
+        latencies.append(t1 - t0)
+        done.append(group)
+        if t1 - start > max_seconds:
+            break
+    seconds = perf() - start
+    sequences = sum(len(g) for g in done)
+    real = sum(lengths[i] for g in done for i in g)
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in done)
+    useful = executed = None
+    if dims is not None:
+        useful = sum(dims.flops(lengths[i]) for g in done for i in g) / seconds
+        executed = sum(len(g) * dims.flops(max(lengths[i] for i in g)) for g in done) / seconds
+    lat = sorted(latencies)
+    return VariantResult(
+        batch_size=batch_size,
+        order=order,
+        tokenize=tokenize,
+        sequences=sequences,
+        seconds=seconds,
+        sequences_per_s=sequences / seconds,
+        batch_latency_ms={
+            "p50": 1e3 * percentile(lat, 50),
+            "p95": 1e3 * percentile(lat, 95),
+            "p99": 1e3 * percentile(lat, 99),
+            "mean": 1e3 * sum(lat) / len(lat),
+            "max": 1e3 * lat[-1],
+        },
+        real_tokens=real,
+        padded_tokens=padded,
+        padding_ratio=padded / real,
+        useful_flops_per_s=useful,
+        executed_flops_per_s=executed,
+        fraction_of_peak=useful / peak if useful is not None and peak else None,
+        executed_fraction_of_peak=executed / peak if executed is not None and peak else None,
+    )
+
+
+def run_ceiling(
+    model_dir: Path,
+    variant: str,
+    texts: Sequence[str],
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    orders: Sequence[str] = ("arrival", "sorted"),
+    tokenize_modes: Sequence[bool] = (True, False),
+    max_seconds: float = 20.0,
+    threads: int | None = None,
+    provider: str = "cpu",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every (batch size, order, tokenization) variant and return the JSON-able report."""
+    bundle = load_bundle(model_dir)
+    threads = threads or service_threads()
+    model_path = bundle.model_path(variant)
+    session = make_session(model_path, threads, provider)
+    if provider == "cuda" and not cuda_active(session):
+        raise RuntimeError(f"CUDA execution provider not active (session uses {session.get_providers()})")
+    with_type_ids = "token_type_ids" in {i.name for i in session.get_inputs()}
+    encoder = Encoder(bundle)
+    ids = encoder.ids(texts)
+    dims = model_dims(model_path)
+    peak_info = cpu_peak()
+    peak = peak_info["peak_flops"] if provider == "cpu" else None
+    run = make_runner(session, io_binding=provider == "cuda")
+    results: list[VariantResult] = []
+    for tokenize in tokenize_modes:
+        for batch_size in batch_sizes:
+            for order in orders:
+                if batch_size == 1 and order == "sorted" and "arrival" in orders:
+                    continue  # a batch of one has no padding: sorted is the same run
+                r = measure(texts, ids, encoder, run, with_type_ids, batch_size, order, tokenize, max_seconds,
+                            dims, peak, seed)  # fmt: skip
+                results.append(r)
+                if log:
+                    frac = f" {100 * r.fraction_of_peak:.1f}% of peak" if r.fraction_of_peak else ""
+                    log(
+                        f"ceiling {variant} bs={batch_size:<3d} {order:<7s} tokenize={tokenize!s:<5s} "
+                        f"{r.sequences_per_s:8.1f} seq/s  batch p50={r.batch_latency_ms['p50']:7.2f}ms  "
+                        f"padding x{r.padding_ratio:.2f}{frac}"
+                    )
+
+    def best(tokenized: bool) -> dict[str, Any] | None:
+        pool = [r for r in results if r.tokenize == tokenized]
+        return asdict(max(pool, key=lambda r: r.sequences_per_s)) if pool else None
+
+    def batch1(tokenized: bool) -> dict[str, Any] | None:
+        pool = [r for r in results if r.tokenize == tokenized and r.batch_size == 1]
+        return asdict(pool[0]) if pool else None
+
+    return {
+        "model_dir": str(bundle.path),
+        "model": bundle.manifest.name,
+        "version": bundle.manifest.version,
+        "variant": variant,
+        "model_file": model_path.name,
+        "provider": provider,
+        "providers_in_use": session.get_providers(),
+        "threads": threads,
+        "onnxruntime": ort.__version__,
+        "n_texts": len(texts),
+        "tokens": length_summary([len(s) for s in ids]),
+        "model_dims": asdict(dims) if dims else None,
+        "cpu": peak_info,
+        "results": [asdict(r) for r in results],
+        "best": best(True),
+        "best_pretokenized": best(False),
+        "batch1": batch1(True),
+        "batch1_pretokenized": batch1(False),
+    }
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--texts", type=Path, help="JSON list of texts (default: the BBC workload)")
+    parser.add_argument("--n-texts", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-sizes", type=_ints, default=list(DEFAULT_BATCH_SIZES))
+    parser.add_argument("--orders", default="arrival,sorted")
+    parser.add_argument("--no-pretokenized", action="store_true", help="skip the runs without tokenization")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per variant")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = as the service")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    texts = load_texts(args.texts) if args.texts else make_texts(args.n_texts, args.seed)
+    report = run_ceiling(
+        args.model_dir,
+        args.variant,
+        texts,
+        batch_sizes=args.batch_sizes,
+        orders=[o for o in args.orders.split(",") if o],
+        tokenize_modes=(True,) if args.no_pretokenized else (True, False),
+        max_seconds=args.max_seconds,
+        threads=args.threads or None,
+        provider=args.provider,
+        seed=args.seed,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

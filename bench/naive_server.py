@@ -1,0 +1,120 @@
+"""The naive baseline: FastAPI + ONNX Runtime, one ``session.run`` per request, no batching.
+
+This is what most people write first, and on a small CPU it is a strong baseline: a batch of one pads nothing.
+It is deliberately idiomatic rather than tuned: a pydantic request model, a plain ``def`` endpoint (FastAPI runs
+it in its thread pool, so several requests may run the session at once) and FastAPI's default JSON response.
+``--endpoint async`` instead runs the model on the event loop (one request at a time), the other common form.
+
+It speaks the bertserve request/response shape of ``POST /v1/predict`` and answers ``/healthz`` and
+``/readyz``, so the same load generator drives both. Sessions use the same options and thread count as the
+service (see :func:`bench.ceiling.session_options`), so only the serving strategy differs.
+
+Run: ``python -m bench.naive_server --model-dir DIR --port 8001 [--variant fp32] [--threads N]``
+(uvicorn with its standard extras: uvloop and httptools where installed, like the service).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+from tokenizers import Tokenizer
+
+from bench.ceiling import cuda_active, make_session, service_threads
+from service.bundle import load_bundle
+
+
+class PredictRequest(BaseModel):
+    inputs: str | list[str]
+    top_k: int | None = None
+    truncate: bool = True
+
+
+class Model:
+    """Bundle, session and tokenizer; ``predict`` tokenizes, runs and soft-maxes one request."""
+
+    def __init__(self, model_dir: Path, variant: str, threads: int, provider: str) -> None:
+        bundle = load_bundle(model_dir)
+        self.manifest = bundle.manifest
+        self.session: ort.InferenceSession = make_session(bundle.model_path(variant), threads, provider)
+        if provider == "cuda" and not cuda_active(self.session):
+            raise SystemExit("naive_server: CUDA execution provider could not be created")
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.manifest.max_length)
+        self.tokenizer.enable_padding()  # pad to the longest input of this request
+
+    def predict(self, request: PredictRequest) -> dict[str, object]:
+        texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+        if not texts:
+            raise HTTPException(422, "inputs must not be empty")
+        encodings = self.tokenizer.encode_batch(texts)
+        if not request.truncate and any(e.overflowing for e in encodings):
+            raise HTTPException(422, f"an input is longer than {self.manifest.max_length} tokens")
+        feeds = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        }
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+        logits = self.session.run(None, feeds)[0].astype(np.float32)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        labels = self.manifest.labels
+        k = len(labels) if request.top_k is None else max(1, min(request.top_k, len(labels)))
+        predictions = []
+        for row in probs:
+            order = np.argsort(-row)[:k]
+            predictions.append([{"label": labels[i], "score": float(row[i])} for i in order])
+        return {"model": self.manifest.name, "version": self.manifest.version, "predictions": predictions}
+
+
+def create_app(model: Model, endpoint: str = "sync") -> FastAPI:
+    app = FastAPI(title="naive baseline")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    if endpoint == "sync":
+
+        @app.post("/v1/predict")
+        def predict(request: PredictRequest) -> dict[str, object]:
+            return model.predict(request)
+
+    else:
+
+        @app.post("/v1/predict")
+        async def predict_async(request: PredictRequest) -> dict[str, object]:
+            return model.predict(request)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--variant", default="fp32")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = as the service does")
+    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--endpoint", choices=["sync", "async"], default="sync")
+    args = parser.parse_args(argv)
+    model = Model(args.model_dir, args.variant, args.threads or service_threads(), args.provider)
+    uvicorn.run(create_app(model, args.endpoint), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""The model-bundle format: one directory that fully describes a servable classifier.
+
+Training writes bundles through :func:`write_manifest`; the service reads them through :func:`load_bundle`.
+Keeping both sides in one module means the format cannot drift between the writer and the reader.
+
+A bundle directory holds::
+
+    manifest.json        this schema (Manifest), including a sha256 of every other file
+    model.onnx           fp32 graph exported from PyTorch           (variant "fp32", always present)
+    model.opt.onnx       ONNX Runtime transformer-optimized graph   (variant "opt", optional)
+    model.int8.onnx      dynamically int8-quantized graph           (variant "int8", optional)
+    tokenizer.json       the fast (Rust) tokenizer, plus its config files
+
+Nothing in a bundle is ever unpickled or executed: the manifest is JSON, the models are ONNX protobufs and the
+tokenizer is JSON. A bundle whose files do not match their recorded checksums is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT_VERSION = 1
+VARIANT_FILES: dict[str, str] = {
+    "fp32": "model.onnx",
+    "opt": "model.opt.onnx",
+    "int8": "model.int8.onnx",
+    "fp16": "model.fp16.onnx",
+}
+INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAMES: tuple[str, ...] = ("logits",)
+
+
+class BundleError(Exception):
+    """A bundle is missing, malformed or tampered with; the message names the offending file."""
+
+
+class Parity(BaseModel):
+    """How closely an ONNX variant reproduces the PyTorch logits on held-out texts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_abs_diff: float = Field(description="max |logit difference| vs PyTorch over all checked texts")
+    argmax_agreement: float = Field(description="fraction of texts whose predicted class is identical")
+    n_texts: int
+    batch_sizes: list[int]
+    reference: str = Field(default="pytorch", description="what the variant was compared against")
+
+
+class Variant(BaseModel):
+    """One ONNX graph of the model and what was measured about it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    metrics: dict[str, float] = Field(default_factory=dict, description="test-split metrics of this graph")
+    parity: Parity | None = None
+
+
+class Manifest(BaseModel):
+    """manifest.json: everything the service needs to serve the bundle, and its provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    task: Literal["text-classification"] = "text-classification"
+    labels: list[str] = Field(min_length=2, description="class names in logit index order")
+    max_length: int = Field(ge=8, le=8192, description="max tokens per text, [CLS] and [SEP] included")
+    inputs: list[str] = Field(default_factory=lambda: list(INPUT_NAMES))
+    outputs: list[str] = Field(default_factory=lambda: list(OUTPUT_NAMES))
+    opset: int
+    base_model: str
+    dataset: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict, description="hyper-parameters and timings")
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    variants: dict[str, Variant]
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 hex digest")
+
+
+class Bundle(BaseModel):
+    """A loaded, verified bundle: its directory and manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    def model_path(self, variant: str) -> Path:
+        if variant not in self.manifest.variants:
+            raise BundleError(
+                f"{self.path}: variant {variant!r} not in bundle (has {sorted(self.manifest.variants)})"
+            )
+        return self.path / self.manifest.variants[variant].file
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_NAME
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _bundle_files(directory: Path) -> list[str]:
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Record a checksum of every file now in ``directory`` and write manifest.json atomically."""
+    directory = Path(directory)
+    for variant, info in manifest.variants.items():
+        if not (directory / info.file).is_file():
+            raise BundleError(f"{directory / info.file}: model file of variant {variant!r} does not exist")
+    if not (directory / TOKENIZER_NAME).is_file():
+        raise BundleError(f"{directory / TOKENIZER_NAME}: tokenizer file does not exist")
+    files = {name: sha256_file(directory / name) for name in _bundle_files(directory)}
+    manifest = manifest.model_copy(update={"files": files})
+    tmp = directory / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and validate manifest.json without checking file contents."""
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise BundleError(f"{directory}: model bundle directory does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path}: manifest not found; is this a bundle written by `python -m training`?")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"{path}: invalid manifest: {exc}") from exc
+    if manifest.format_version != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {manifest.format_version}, this build reads {FORMAT_VERSION}")
+    return manifest
+
+
+def load_bundle(directory: Path | str, verify: bool = True) -> Bundle:
+    """Read a bundle; with ``verify`` every file listed in the manifest must exist and match its sha256."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    required = {TOKENIZER_NAME} | {v.file for v in manifest.variants.values()}
+    for name in sorted(required - set(manifest.files)):
+        raise BundleError(f"{directory / name}: required file has no checksum in the manifest")
+    if verify:
+        for name, expected in manifest.files.items():
+            path = directory / name
+            if not path.is_file():
+                raise BundleError(f"{path}: file listed in the manifest is missing")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise BundleError(
+                    f"{path}: checksum mismatch (manifest {expected[:12]}..., file {actual[:12]}...); "
+                    "the file was altered or corrupted"
+                )
+    return Bundle(path=directory.resolve(), manifest=manifest)
