@@ -1,0 +1,112 @@
+"""Start the real server (`python -m service`, uvicorn on 127.0.0.1, a free port) as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One server process; ``settings`` become BERTSERVE_* environment variables."""
+
+    def __init__(self, model_dir: Path, log_path: Path, wait_ready: bool = True, **settings: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
+        env.update({f"BERTSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        env["BERTSERVE_WARMUP_RUNS"] = env.get("BERTSERVE_WARMUP_RUNS", "1")
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        if wait_ready:
+            self.wait("/readyz")
+
+    def wait(self, path: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client.get(path).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{path} not 200 after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.client.close()
+        self._log.close()
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Value of one sample in /metrics, parsed by prometheus_client's own parser (0 if absent)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for family in text_string_to_metric_families(self.client.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                    total += sample.value
+        return total
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, tiny_bundle: Path) -> Iterator[Any]:
+    """Factory: start_server(**settings) -> Server on the tiny bundle (or model_dir=...); all stopped at the end."""
+    servers: list[Server] = []
+
+    def start(model_dir: Path | None = None, wait_ready: bool = True, **settings: Any) -> Server:
+        log_path = tmp_path / f"server-{len(servers)}.log"
+        server = Server(model_dir or tiny_bundle, log_path, wait_ready=wait_ready, **settings)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[Server]:
+    """One server with default settings for the read-only tests of a module."""
+    server = Server(tiny_bundle, tmp_path_factory.mktemp("srv") / "server.log")
+    yield server
+    server.close()
