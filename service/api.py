@@ -481,6 +481,7 @@ def add_native_routes(app: FastAPI, state: AppState) -> None:
             "batching": {
                 "max_batch_size": p.max_batch_size,
                 "max_batch_tokens": p.max_batch_tokens,
+                "max_padding_ratio": p.max_padding_ratio,
                 "max_wait_ms": p.max_wait_s * 1000.0,
                 "lookahead": p.lookahead,
                 "max_queue": p.max_queue,

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,10 +56,12 @@ class Backend(Protocol):
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     max_batch_size: int = 32
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 4096
+    max_padding_ratio: float = 1.25
     max_wait_s: float = 0.0
     lookahead: int = 256
     max_queue: int = 1024
+    workers: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -74,27 +76,35 @@ def select_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
     """Pick indices into ``lengths`` (arrival order, index 0 oldest) for the next batch.
 
     Start from the oldest sequence and repeatedly add the neighbour in length order that adds the fewest
-    padded tokens: a shorter one pads only itself, a longer one pads every row already chosen.
+    padded tokens (a shorter one pads only itself, a longer one pads every row already chosen), while the
+    batch stays within max_batch_size sequences, max_batch_tokens padded tokens and max_padding_ratio
+    padded/real tokens. On a CPU a batch's cost is close to its padded tokens and a batch's fixed cost is
+    small, so two well-packed batches beat one padded batch.
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     pos = order.index(0)
     lo = hi = pos
-    longest = lengths[0]
+    longest = real = lengths[0]
     size = 1
+
+    def fits(new_longest: int, new_real: int) -> bool:
+        padded = (size + 1) * new_longest
+        return padded <= policy.max_batch_tokens and padded <= policy.max_padding_ratio * new_real
+
     while size < policy.max_batch_size:
-        left = order[lo - 1] if lo > 0 else None
-        right = order[hi + 1] if hi + 1 < len(order) else None
-        left_cost = longest - lengths[left] if left is not None else math.inf
-        right_cost = size * (lengths[right] - longest) if right is not None else math.inf
-        if left is not None and left_cost <= right_cost and (size + 1) * longest <= policy.max_batch_tokens:
-            lo -= 1
-        elif right is not None and (size + 1) * lengths[right] <= policy.max_batch_tokens:
-            hi += 1
-            longest = lengths[right]
-        elif left is not None and (size + 1) * longest <= policy.max_batch_tokens:
-            lo -= 1
-        else:
+        left = lengths[order[lo - 1]] if lo > 0 else 0
+        right = lengths[order[hi + 1]] if hi + 1 < len(order) else 0
+        left_cost = longest - left if lo > 0 and fits(longest, real + left) else math.inf
+        right_cost = size * (right - longest) if right and fits(right, real + right) else math.inf
+        if left_cost == right_cost == math.inf:
             break
+        if left_cost <= right_cost:
+            lo -= 1
+            real += left
+        else:
+            hi += 1
+            longest = right
+            real += right
         size += 1
     return order[lo : hi + 1]
 
@@ -111,7 +121,10 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bertserve-infer")
+        self._executor = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="bertserve-infer")
+        self._slots = asyncio.Semaphore(policy.workers)
+        self._running: set[asyncio.Task[None]] = set()  # batches in the workers, for close()
+        self._busy = 0
         self._task: asyncio.Task[None] | None = None
         self._rate = 0.0  # EWMA of sequences/s, for Retry-After
 
@@ -131,6 +144,7 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._queue:
             if not item.future.done():
                 item.future.set_exception(Draining("server is shutting down"))
@@ -167,7 +181,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                self._idle.set()
+                self._check_idle()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -181,24 +195,43 @@ class Batcher:
                         pass
                     else:
                         continue
+            # Form the batch only once a worker is free: the later it forms, the more sequences it can choose from.
+            await self._slots.acquire()
             batch = self._take_batch()
             if not batch:
+                self._slots.release()
                 continue
-            started = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._compute, [i.ids for i in batch])
-            except Exception as exc:  # one bad batch fails its own requests, never the server
-                log.exception("inference batch of %d failed", len(batch))
-                self.metrics.batch_failures.inc()
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
-                continue
-            elapsed = time.perf_counter() - started
-            self._rate = 0.8 * self._rate + 0.2 * (len(batch) / elapsed) if self._rate else len(batch) / elapsed
-            for item, output in zip(batch, outputs, strict=True):
+            self._busy += 1
+            task = loop.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._busy:
+            self._idle.set()
+
+    async def _run_batch(self, batch: list[Item]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._compute, [i.ids for i in batch])
+        except Exception as exc:  # one bad batch fails its own requests, never the server
+            log.exception("inference batch of %d failed", len(batch))
+            self.metrics.batch_failures.inc()
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(output)
+                    item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
+            return
+        finally:
+            self._busy -= 1
+            self._slots.release()
+            self._check_idle()
+        elapsed = time.perf_counter() - started
+        rate = len(batch) / elapsed * self.policy.workers
+        self._rate = 0.8 * self._rate + 0.2 * rate if self._rate else rate
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
 
     def _take_batch(self) -> list[Item]:
         """Drop dead sequences, pick the next batch from the look-ahead window, keep the rest in order."""
@@ -238,9 +271,3 @@ class Batcher:
         m.batch_tokens.observe(padded)
         m.batch_padding.observe(padded / real)
         return outputs
-
-
-def fail_unfinished(futures: Sequence[asyncio.Future[Output]], make_exc: Callable[[], Exception]) -> None:
-    for fut in futures:
-        if not fut.done():
-            fut.set_exception(make_exc())

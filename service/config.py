@@ -29,7 +29,13 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences in one inference batch")
     max_batch_tokens: int = Field(
-        8192, ge=16, description="most padded tokens (batch x longest sequence) in one inference batch"
+        4096, ge=16, description="most padded tokens (batch x longest sequence) in one inference batch"
+    )
+    max_padding_ratio: float = Field(
+        1.25,
+        ge=1.0,
+        description="most padded tokens per real token in a batch; a sequence that would pad more waits "
+        "for a batch of its own length",
     )
     max_wait_ms: float = Field(
         0.0,
@@ -46,6 +52,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body in bytes (413 above)")
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a request (504 after)")
     max_request_timeout_s: float = Field(120.0, gt=0, description="cap on a request's own `timeout_s`")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="batches computed at once, each in its own thread (with intra_op_threads each)",
+    )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all CPU cores")
     ort_spinning: bool = Field(
         False,

@@ -28,9 +28,11 @@ class Engine:
         self.policy = BatchPolicy(
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
+            max_padding_ratio=settings.max_padding_ratio,
             max_wait_s=settings.max_wait_ms / 1000.0,
             lookahead=settings.batch_lookahead,
             max_queue=settings.max_queue,
+            workers=settings.inference_workers,
         )
         self.batcher = Batcher(runtime, self.policy, metrics)
         self._tokenize_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="bertserve-tok")

@@ -37,10 +37,24 @@ def test_token_budget_bounds_padded_tokens() -> None:
         assert padded <= policy.max_batch_tokens or len(picked) == 1  # a lone sequence always runs
 
 
+def test_padding_ratio_bounds_padded_per_real_token() -> None:
+    rng = random.Random(2)
+    for _ in range(200):
+        lengths = [rng.randint(3, 200) for _ in range(rng.randint(1, 80))]
+        policy = BatchPolicy(max_batch_size=64, max_batch_tokens=100_000, max_padding_ratio=rng.uniform(1, 2))
+        picked = select_batch(lengths, policy)
+        real = sum(lengths[i] for i in picked)
+        assert len(picked) * max(lengths[i] for i in picked) <= policy.max_padding_ratio * real + 1e-9
+    # a loose ratio lets a mixed window go together; the default splits short from long
+    mixed = [10, 11, 12, 150, 160]
+    assert len(select_batch(mixed, BatchPolicy(max_padding_ratio=10.0))) == 5
+    assert sorted(select_batch(mixed, BatchPolicy())) == [0, 1, 2]
+
+
 def test_sorted_grouping_pads_far_less_than_arrival_order() -> None:
     rng = random.Random(1)
     lengths = [rng.choice([rng.randint(5, 20), rng.randint(100, 200)]) for _ in range(128)]
-    policy = BatchPolicy(max_batch_size=16, max_batch_tokens=100_000)
+    policy = BatchPolicy(max_batch_size=16, max_batch_tokens=100_000, max_padding_ratio=100.0)
     remaining = list(range(len(lengths)))
     padded = 0
     while remaining:
