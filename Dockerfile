@@ -91,7 +91,8 @@ CMD ["--model-dir", "/models", "--host", "0.0.0.0", "--port", "8000"]
 # gpu (default target): CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu.
 FROM ${CUDA_IMAGE} AS gpu
 ARG MODEL_BUNDLE
-ENV DEBIAN_FRONTEND=noninteractive
+# ARG, not ENV: only apt needs it, and it must not persist into the running container.
+ARG DEBIAN_FRONTEND=noninteractive
 # Version pins for apt packages would break the build every time Ubuntu's archive moves a patch release on;
 # the base image tag pins the distribution release, which is what fixes python3's minor version (3.12).
 # hadolint ignore=DL3008

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BERTSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="BERTSERVE_", extra="ignore", env_ignore_empty=True)
 
     model_dir: Path = Field(Path("models/bbc"), description="model bundle directory written by `training`")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in containers")
