@@ -341,8 +341,9 @@ def run_ceiling(
             for order in orders:
                 if batch_size == 1 and order == "sorted" and "arrival" in orders:
                     continue  # a batch of one has no padding: sorted is the same run
-                r = measure(texts, ids, encoder, run, with_type_ids, batch_size, order, tokenize, max_seconds,
-                            dims, peak, seed)  # fmt: skip
+                r = measure(
+                    texts, ids, encoder, run, with_type_ids, batch_size, order, tokenize, max_seconds, dims, peak, seed
+                )
                 results.append(r)
                 if log:
                     frac = f" {100 * r.fraction_of_peak:.1f}% of peak" if r.fraction_of_peak else ""
