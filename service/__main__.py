@@ -16,7 +16,11 @@ from types import FrameType
 import uvicorn
 
 from service.api import AppState, create_app
+from service.bundle import BundleError
 from service.config import Settings, parse_args
+from service.engine import Engine
+from service.metrics import Metrics
+from service.runtime import ProviderError
 
 log = logging.getLogger("bertserve")
 
@@ -65,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    metrics = Metrics()
+    try:  # verify the bundle and create the session before listening: a bad bundle never serves
+        engine = Engine.load(settings, metrics)
+    except (BundleError, ProviderError) as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engine, metrics)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -307,18 +307,20 @@ async def reload_engine(state: AppState, model_dir: Path | None, variant: str | 
         return engine
 
 
-def create_app(settings: Settings) -> FastAPI:
-    state = AppState(settings=settings)
+def create_app(settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The app; ``engine`` (loaded with ``metrics``) is created at start-up when not given."""
+    state = AppState(settings=settings, metrics=metrics or Metrics())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Verify the bundle and create the session before listening: a bad bundle stops start-up here.
-        try:
-            engine = await asyncio.to_thread(Engine.load, settings, state.metrics)
-        except (BundleError, ProviderError) as exc:
-            log.error("cannot start: %s", exc)
-            raise SystemExit(2) from None
-        state.spawn(warm_and_serve(state, engine))
+        loaded = engine
+        if loaded is None:  # verify the bundle and create the session before listening
+            try:
+                loaded = await asyncio.to_thread(Engine.load, settings, state.metrics)
+            except (BundleError, ProviderError) as exc:
+                log.error("cannot start: %s", exc)
+                raise SystemExit(2) from None
+        state.spawn(warm_and_serve(state, loaded))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: state.spawn(reload_quietly(state)))
