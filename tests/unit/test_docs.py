@@ -12,7 +12,7 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding=
 
 def test_every_setting_is_documented_with_its_default() -> None:
     for name, field in Settings.model_fields.items():
-        row = next((line for line in README.splitlines() if f"`BERTSERVE_{name.upper()}`" in line), None)
+        row = next((line for line in README.splitlines() if line.startswith(f"| `BERTSERVE_{name.upper()}`")), None)
         assert row is not None, f"BERTSERVE_{name.upper()} missing from README"
         default = "unset" if field.default is None else str(field.default)
         assert f"`{default}`" in row, f"README default of BERTSERVE_{name.upper()} is not {default}"
