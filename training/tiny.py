@@ -30,8 +30,20 @@ _KEYWORDS = {
     "neutral": ["okay", "average", "fine", "ordinary", "acceptable", "mediocre", "standard", "so-so"],
     "positive": ["great", "excellent", "wonderful", "good", "amazing", "fantastic", "loved", "best"],
 }
-_SUBJECTS = ["the film", "this phone", "the service", "our dinner", "the hotel", "that book", "the concert",
-             "the update", "my order", "the game", "the lecture", "this laptop"]
+_SUBJECTS = [
+    "the film",
+    "this phone",
+    "the service",
+    "our dinner",
+    "the hotel",
+    "that book",
+    "the concert",
+    "the update",
+    "my order",
+    "the game",
+    "the lecture",
+    "this laptop",
+]
 _TEMPLATES = [
     "{s} was {k}.",
     "honestly, {s} was {k} and I would say so again",
@@ -59,7 +71,9 @@ def write_tiny_base_model(directory: Path, seed: int = 0) -> Path:
     """Save a random-init tiny BertForSequenceClassification checkpoint plus the MiniLM tokenizer files."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     directory.mkdir(parents=True, exist_ok=True)
     source = default_base_model()
     torch.manual_seed(seed)
@@ -81,8 +95,14 @@ def write_tiny_base_model(directory: Path, seed: int = 0) -> Path:
 
 
 def build_tiny_bundle(
-    out_dir: Path, *, name: str = "tiny", version: str = "1", seed: int = 0, optimize: bool = True,
-    quantize: bool = True, epochs: int = 4,
+    out_dir: Path,
+    *,
+    name: str = "tiny",
+    version: str = "1",
+    seed: int = 0,
+    optimize: bool = True,
+    quantize: bool = True,
+    epochs: int = 6,
 ) -> Path:
     """Build a tiny bundle (fp32 + opt + int8 by default) at ``out_dir`` and return ``out_dir``.
 
@@ -97,14 +117,32 @@ def build_tiny_bundle(
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows(tiny_dataset(seed=seed))
-        result = build_tiny_fit(work / "base", data, out_dir, name=name, version=version, seed=seed,
-                                optimize=optimize, quantize=quantize, epochs=epochs)
+        result = build_tiny_fit(
+            work / "base",
+            data,
+            out_dir,
+            name=name,
+            version=version,
+            seed=seed,
+            optimize=optimize,
+            quantize=quantize,
+            epochs=epochs,
+        )
     return result.bundle.path
 
 
 def build_tiny_fit(
-    base_dir: Path, data: Path, out_dir: Path, *, name: str, version: str, seed: int = 0, optimize: bool = True,
-    quantize: bool = True, epochs: int = 4, progress: bool = False,
+    base_dir: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    seed: int = 0,
+    optimize: bool = True,
+    quantize: bool = True,
+    epochs: int = 6,
+    progress: bool = False,
 ) -> FitResult:
     """Like :func:`build_tiny_bundle` but on a given data file, returning the full :class:`FitResult`."""
     if not (base_dir / "config.json").is_file():
@@ -116,8 +154,8 @@ def build_tiny_fit(
         base_model_name="tiny random-init BERT (2 layers, hidden 32, MiniLM vocabulary)",
         epochs=epochs,
         max_length=TINY_MAX_LENGTH,
-        batch_size=16,
-        lr=5e-3,
+        batch_size=8,
+        lr=3e-3,  # with batch 8 and 6 epochs: validation accuracy 1.0 from epoch 4-5 on (seeds 0 and 1)
         warmup_ratio=0.1,
         seed=seed,
         optimize=optimize,
@@ -125,6 +163,7 @@ def build_tiny_fit(
         name=name,
         version=version,
         device="cpu",
+        threads=1,  # a 1M-parameter model gains nothing from threads and loses a lot on a busy CPU
         progress=progress,
         extra_dataset_info={"generated_by": "training.tiny.tiny_dataset"},
     )
@@ -136,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) not in (1, 2, 3):
         print("usage: python -m training.tiny OUT_DIR [NAME [VERSION]]", file=sys.stderr)
         return 2
-    path = build_tiny_bundle(Path(args[0]), name=args[1] if len(args) > 1 else "tiny",
-                             version=args[2] if len(args) > 2 else "1")
+    path = build_tiny_bundle(
+        Path(args[0]), name=args[1] if len(args) > 1 else "tiny", version=args[2] if len(args) > 2 else "1"
+    )
     print(path)
     return 0
 
