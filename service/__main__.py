@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, ProviderError) as exc:
         print(f"error: cannot start: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # e.g. a model file ONNX Runtime cannot parse: one line, not a traceback
+        print(f"error: cannot start: {settings.model_dir}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, engine, metrics)
     config = uvicorn.Config(
         app,

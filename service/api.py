@@ -219,6 +219,19 @@ async def infer_or_disconnect(request: Request, engine: Engine, texts: list[str]
             work.cancel()
 
 
+async def infer_current(request: Request, state: AppState, engine: Engine, texts: list[str], truncate: bool,
+                        deadline: float) -> tuple[Engine, list[Output] | None]:  # fmt: skip
+    """Infer on ``engine``; when a hot reload swapped it out after it was chosen (its batcher stopped accepting),
+    move to the engine now current instead of failing the request. Returns the engine that answered."""
+    while True:
+        try:
+            return engine, await infer_or_disconnect(request, engine, texts, truncate, deadline, state.metrics)
+        except Draining:
+            if state.draining or state.engine is engine or state.engine is None:
+                raise
+            engine = state.engine
+
+
 def authorize(request: Request, settings: Settings) -> None:
     if settings.api_key is None:
         return
@@ -297,7 +310,8 @@ async def reload_engine(state: AppState, model_dir: Path | None, variant: str | 
         try:
             engine = await asyncio.to_thread(Engine.load, settings, state.metrics, model_dir, variant)
             await asyncio.to_thread(engine.warmup, settings.warmup_runs)
-        except (BundleError, ProviderError) as exc:
+        except Exception as exc:  # whatever stops the new bundle loading or warming, the old one serves on
+            log.warning("reload refused: %s", exc)
             raise Unprocessable(f"reload refused, still serving the old model: {exc}") from None
         engine.start()
         old, state.engine = state.engine, engine
@@ -313,7 +327,8 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = engine
+        nonlocal engine
+        loaded, engine = engine, None  # keep no reference to the first engine: a reload must be able to free it
         if loaded is None:  # verify the bundle and create the session before listening
             try:
                 loaded = await asyncio.to_thread(Engine.load, settings, state.metrics)
@@ -321,6 +336,7 @@ def create_app(settings: Settings, engine: Engine | None = None, metrics: Metric
                 log.error("cannot start: %s", exc)
                 raise SystemExit(2) from None
         state.spawn(warm_and_serve(state, loaded))
+        del loaded
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: state.spawn(reload_quietly(state)))
@@ -449,8 +465,8 @@ def add_native_routes(app: FastAPI, state: AppState) -> None:
         body = validate(PredictRequest, await read_json(request, settings.max_body_bytes))
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_texts(texts, settings.max_client_batch)
-        outputs = await infer_or_disconnect(
-            request, engine, texts, body.truncate, deadline_for(settings, body.timeout_s), state.metrics
+        engine, outputs = await infer_current(
+            request, state, engine, texts, body.truncate, deadline_for(settings, body.timeout_s)
         )
         if outputs is None:
             return error_response(499, "client_closed_request", "client disconnected")
@@ -495,7 +511,9 @@ def add_native_routes(app: FastAPI, state: AppState) -> None:
     @app.post(
         "/v1/admin/reload",
         tags=["admin"],
-        responses={k: ERROR_DOCS[k] for k in (401, 422)} | {403: {"model": ErrorResponse}},
+        responses={k: ERROR_DOCS[k] for k in (400, 401, 413, 422, 503)}
+        | {403: {"model": ErrorResponse, "description": "no API key configured"},
+           409: {"model": ErrorResponse, "description": "a reload is in progress"}},
         openapi_extra={
             "requestBody": {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}
         },

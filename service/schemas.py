@@ -5,7 +5,7 @@ Strict types: a number where a string is expected is a client error, never silen
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 
 class PredictRequest(BaseModel):
@@ -15,11 +15,11 @@ class PredictRequest(BaseModel):
         description="one text, or a list of texts (at most BERTSERVE_MAX_CLIENT_BATCH)",
         examples=["The central bank raised interest rates again."],
     )
-    top_k: int | None = Field(None, ge=1, description="return only the k most likely labels; null: all")
+    top_k: StrictInt | None = Field(None, ge=1, description="return only the k most likely labels; null: all")
     truncate: StrictBool = Field(
         True, description="cut texts longer than the model's max_length; false: such a text is a 422"
     )
-    timeout_s: float | None = Field(
+    timeout_s: StrictFloat | None = Field(
         None, gt=0, description="this request's deadline in seconds (capped by BERTSERVE_MAX_REQUEST_TIMEOUT_S)"
     )
 

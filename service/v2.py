@@ -28,7 +28,7 @@ from service.api import (
     check_texts,
     deadline_for,
     error_response,
-    infer_or_disconnect,
+    infer_current,
     json_response,
     read_body,
     validate,
@@ -168,11 +168,15 @@ def add_v2_routes(app: FastAPI, state: AppState) -> None:
         )
 
     @app.get("/v2/health/live", tags=["v2"])
-    async def live() -> Response:
+    async def live(request: Request) -> Response:
+        if settings.auth_all:
+            authorize(request, settings)
         return json_response({"live": True})
 
     @app.get("/v2/health/ready", tags=["v2"], responses={503: ERROR_DOCS[503]})
-    async def ready() -> Response:
+    async def ready(request: Request) -> Response:
+        if settings.auth_all:
+            authorize(request, settings)
         if not state.ready or state.draining:
             return error_response(503, "not_ready", "server is not ready")
         return json_response({"ready": True})
@@ -195,16 +199,27 @@ def add_v2_routes(app: FastAPI, state: AppState) -> None:
         find_model(name, version)
         return json_response({"name": name, "ready": True})
 
+    request_schema = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request_defs = request_schema.pop("$defs", {})
     infer_doc: dict[str, Any] = {
         "tags": ["v2"],
         "responses": {k: v for k, v in ERROR_DOCS.items() if k != 415} | {404: {}},
         "openapi_extra": {
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": V2InferRequest.model_json_schema()}},
+                "content": {"application/json": {"schema": request_schema}},
             }
         },
     }
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # first call: add the nested models the request body refers to
+            base_openapi().setdefault("components", {}).setdefault("schemas", {}).update(request_defs)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.post("/v2/models/{name}/infer", **infer_doc)
     async def infer(name: str, request: Request) -> Response:
@@ -242,9 +257,7 @@ def add_v2_routes(app: FastAPI, state: AppState) -> None:
         timeout = req.parameters.get("timeout_s")
         if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
             raise BadRequest("parameter 'timeout_s' must be a positive number")
-        outputs = await infer_or_disconnect(
-            request, engine, texts, truncate, deadline_for(settings, timeout), state.metrics
-        )
+        engine, outputs = await infer_current(request, state, engine, texts, truncate, deadline_for(settings, timeout))
         if outputs is None:
             return error_response(499, "client_closed_request", "client disconnected")
         r = engine.runtime
