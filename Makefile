@@ -32,7 +32,7 @@ train: setup
 
 test: setup
 	./scripts/test-deps.sh
-	./scripts/audit.sh build/audit
+	AUDIT_TIMEOUT_S=180 ./scripts/audit.sh build/audit
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 
