@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         http="auto",
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         lifespan="on",
     )
     server = DrainingServer(config, app.state.bertserve)

@@ -117,7 +117,6 @@ class AppState:
     engine: Engine | None = None
     ready: bool = False
     draining: bool = False
-    started: float = field(default_factory=time.time)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     on_fatal: Callable[[], None] | None = None
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -200,23 +199,35 @@ def deadline_for(settings: Settings, timeout_s: float | None) -> float:
 
 async def infer_or_disconnect(request: Request, engine: Engine, texts: list[str], truncate: bool,
                               deadline: float, metrics: Metrics) -> list[Output] | None:  # fmt: skip
-    """Run inference, but drop the request's queued work if the client disconnects first (returns None)."""
-    work = asyncio.ensure_future(engine.infer(texts, truncate, deadline))
+    """Run inference in this task; if the client disconnects first, cancel it so its queued work is dropped.
+
+    The body has been read, so the next ASGI message can only be the disconnect.
+    """
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+    waiting = True  # both flags are only touched on the event loop, so there is no race with the callback
+
+    def on_message(watch: asyncio.Future[Any]) -> None:
+        nonlocal gone
+        ok = not watch.cancelled() and watch.exception() is None
+        if waiting and ok and watch.result()["type"] == "http.disconnect":
+            gone = True
+            me.cancel()
+
     watch = asyncio.ensure_future(request.receive())
+    watch.add_done_callback(on_message)
     try:
-        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        message = watch.result()
-        if message["type"] == "http.disconnect":
-            work.cancel()
-            metrics.rejected.labels("disconnected").inc()
-            return None
-        return await work
+        return await engine.infer(texts, truncate, deadline)
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        me.uncancel()
+        metrics.rejected.labels("disconnected").inc()
+        return None
     finally:
+        waiting = False
         watch.cancel()
-        if not work.done():
-            work.cancel()
 
 
 async def infer_current(request: Request, state: AppState, engine: Engine, texts: list[str], truncate: bool,
@@ -294,8 +305,11 @@ async def warm_and_serve(state: AppState, engine: Engine) -> None:
         if state.on_fatal:
             state.on_fatal()
         return
+    if state.engine is not None or state.draining:  # a reload won the race, or shutdown began
+        await engine.close()
+        return
     engine.start()
-    state.engine, state.ready = engine, not state.draining
+    state.engine, state.ready = engine, True
     r = engine.runtime
     log.info("ready: %s:%s variant=%s providers=%s (warm-up %.2f s)", r.name, r.version, r.variant,
              r.providers, seconds)  # fmt: skip
@@ -313,6 +327,9 @@ async def reload_engine(state: AppState, model_dir: Path | None, variant: str | 
         except Exception as exc:  # whatever stops the new bundle loading or warming, the old one serves on
             log.warning("reload refused: %s", exc)
             raise Unprocessable(f"reload refused, still serving the old model: {exc}") from None
+        if state.draining or not state.ready:  # shutdown began, or the first model is not up yet
+            await engine.close()
+            raise NotReady("server is starting or draining; reload not applied")
         engine.start()
         old, state.engine = state.engine, engine
         log.info("reloaded: now serving %s:%s", engine.runtime.name, engine.runtime.version)
@@ -324,6 +341,8 @@ async def reload_engine(state: AppState, model_dir: Path | None, variant: str | 
 def create_app(settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> FastAPI:
     """The app; ``engine`` (loaded with ``metrics``) is created at start-up when not given."""
     state = AppState(settings=settings, metrics=metrics or Metrics())
+    # One source of truth across reloads: the queue of whichever engine is current.
+    state.metrics.queue_depth.set_function(lambda: state.engine.batcher.depth if state.engine else 0)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

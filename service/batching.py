@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -69,7 +69,7 @@ class Item:
     ids: np.ndarray
     future: asyncio.Future[Output]
     deadline: float
-    enqueued: float = field(default_factory=time.monotonic)
+    enqueued: float
 
 
 def select_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
@@ -109,6 +109,11 @@ def select_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
     return order[lo : hi + 1]
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("batch scheduler died; requests will time out", exc_info=task.exception())
+
+
 class Batcher:
     """Owns the queue and the worker thread for one model runtime."""
 
@@ -132,6 +137,7 @@ class Batcher:
     def start(self) -> None:
         self.accepting = True
         self._task = asyncio.get_running_loop().create_task(self._schedule(), name="bertserve-scheduler")
+        self._task.add_done_callback(_report_crash)
 
     async def drain(self) -> None:
         """Stop accepting, then wait until every queued and computing sequence has been answered."""
@@ -149,8 +155,7 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(Draining("server is shutting down"))
         self._queue.clear()
-        self.metrics.queue_depth.set(0)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)
 
     @property
     def depth(self) -> int:
@@ -162,12 +167,13 @@ class Batcher:
         if not self.accepting:
             raise Draining("server is draining")
         if len(self._queue) + len(sequences) > self.policy.max_queue:
+            self._queue = [item for item in self._queue if not item.future.done()]  # abandoned ones hold no slot
+        if len(self._queue) + len(sequences) > self.policy.max_queue:
             raise QueueFull(self._retry_after())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [Item(ids, loop.create_future(), deadline, now) for ids in sequences]
         self._queue.extend(items)
-        self.metrics.queue_depth.set(len(self._queue))
         self._idle.clear()
         self._wakeup.set()
         return [item.future for item in items]
@@ -242,7 +248,6 @@ class Batcher:
                 continue
             if item.deadline <= now:
                 item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
-                self.metrics.rejected.labels("deadline").inc()
                 continue
             live.append(item)
         window = live[: self.policy.lookahead]
@@ -250,10 +255,9 @@ class Batcher:
         if window:
             picked = select_batch([len(item.ids) for item in window], self.policy)
             chosen = [window[i] for i in sorted(picked)]
-            taken = {id(item) for item in chosen}
-            live = [item for item in live if id(item) not in taken]
+            taken = set(chosen)  # Items hash by identity
+            live = [item for item in live if item not in taken]
         self._queue = live
-        self.metrics.queue_depth.set(len(live))
         queue_hist = self.metrics.queue_duration
         for item in chosen:
             queue_hist.observe(now - item.enqueued)

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from service.batching import Batcher, BatchPolicy, DeadlineExceeded
+from service.batching import Batcher, BatchPolicy, DeadlineExceeded, Draining
 from service.bundle import load_bundle
 from service.config import Settings
 from service.metrics import Metrics
@@ -65,13 +65,15 @@ class Engine:
         """Finish what was admitted, then release the session (its memory returns with the last reference)."""
         await self.batcher.drain()
         await self.batcher.close()
-        self._tokenize_pool.shutdown(wait=True)
+        self._tokenize_pool.shutdown(wait=False)  # never block the event loop on a tokenization in progress
         # The cancelled scheduler task keeps a traceback whose frames point back at this engine's batcher: the
         # session, tokenizer and threads sit in a reference cycle that only a full collection frees, and a quiet
         # server may not run one for hundreds of reloads. Collect now.
         await asyncio.to_thread(gc.collect)
 
     async def infer(self, texts: list[str], truncate: bool, deadline: float) -> list[Output]:
+        if not self.batcher.accepting:  # swapped out by a reload (the API retries on the new engine) or closing
+            raise Draining("model is being replaced or the server is draining")
         started = time.perf_counter()
         if sum(map(len, texts)) <= self.inline_chars:
             # A thread hop costs ~0.4 ms under load; the Rust tokenizer takes ~0.02 ms for a short text.
@@ -83,7 +85,7 @@ class Engine:
         futures = self.batcher.submit(sequences, deadline)
         try:
             return await asyncio.wait_for(asyncio.gather(*futures), timeout=deadline - time.monotonic())
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded):  # counted here, once per request
             self.metrics.rejected.labels("deadline").inc()
             raise DeadlineExceeded("request deadline passed before its inputs were computed") from None
         finally:

@@ -29,12 +29,11 @@ class ProviderError(RuntimeError):
 class TextTooLong(ValueError):
     """An input has more tokens than the model takes and the client asked not to truncate."""
 
-    def __init__(self, index: int, n_tokens: int, max_length: int) -> None:
+    def __init__(self, index: int, max_length: int) -> None:
         super().__init__(
             f"input {index} has more than {max_length} tokens (the model's max_length); "
             "send truncate=true to cut it"
         )
-        self.index, self.n_tokens, self.max_length = index, n_tokens, max_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +129,7 @@ class ModelRuntime:
         out: list[np.ndarray] = []
         for i, enc in enumerate(encodings):
             if enc.overflowing and not truncate:
-                raise TextTooLong(i, len(enc.ids) + len(enc.overflowing[0].ids), self.max_length)
+                raise TextTooLong(i, self.max_length)
             out.append(np.asarray(enc.ids, dtype=np.int64))
         return out
 

@@ -24,6 +24,7 @@ from service.api import (
     AppState,
     BadRequest,
     NotFound,
+    NotReady,
     authorize,
     check_texts,
     deadline_for,
@@ -153,6 +154,8 @@ def add_v2_routes(app: FastAPI, state: AppState) -> None:
     settings = state.settings
 
     def find_model(name: str, version: str | None) -> Engine:
+        if state.draining:
+            raise NotReady("server is draining")
         engine = state.current()
         r = engine.runtime
         if name != r.name:

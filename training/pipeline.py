@@ -48,7 +48,7 @@ class FitOptions:
     epochs: int = 1
     max_length: int = 256
     batch_size: int = 16
-    lr: float = 1e-4
+    lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     seed: int = 42

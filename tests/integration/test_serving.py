@@ -264,3 +264,31 @@ def test_models_endpoint_reports_real_providers_and_settings(shared_server) -> N
     assert body["batching"]["max_batch_size"] == 32
     assert set(body["variants"]) >= {"fp32"}
     assert body["variant"] == "fp32"
+
+
+def test_disconnected_client_is_dropped_before_compute(start_server) -> None:
+    import socket
+
+    server = start_server(max_batch_size=1, max_queue=4096)
+    long_text = " ".join(["the film was good"] * 20)
+    backlog = {"inputs": [long_text] * 64}
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                     limits=httpx.Limits(max_connections=20)) as client:  # fmt: skip
+            tasks = [asyncio.ensure_future(client.post("/v1/predict", json=backlog)) for _ in range(20)]
+            while server.metric("bertserve_queue_depth") < 200:  # a backlog of hundreds of batches
+                await asyncio.sleep(0.01)
+            body = json.dumps({"inputs": ["gone before compute"] * 3}).encode()
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            return [r.status_code for r in await asyncio.gather(*tasks)]
+
+    assert asyncio.run(run()) == [200] * 20
+    deadline = time.monotonic() + 10
+    while server.metric("bertserve_rejected_total", {"reason": "disconnected"}) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("bertserve_rejected_total", {"reason": "disconnected"}) == 1
+    assert server.metric("bertserve_batch_size_sum") == 20 * 64  # the 3 abandoned inputs cost no compute
+    assert server.client.post("/v1/predict", json={"inputs": "good"}).status_code == 200
