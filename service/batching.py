@@ -55,11 +55,11 @@ class Backend(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
-    max_batch_size: int = 32
+    max_batch_size: int = 8
     max_batch_tokens: int = 4096
     max_padding_ratio: float = 1.25
     max_wait_s: float = 0.0
-    lookahead: int = 256
+    lookahead: int = 24
     max_queue: int = 1024
     workers: int = 1
 

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     variant: Literal["auto", "fp32", "opt", "int8", "fp16"] = Field(
         "auto", description="ONNX graph to serve; auto: fp16, then opt, then fp32 on CUDA; fp32 on CPU"
     )
-    max_batch_size: int = Field(32, ge=1, le=1024, description="most sequences in one inference batch")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most sequences in one inference batch")
     max_batch_tokens: int = Field(
         4096, ge=16, description="most padded tokens (batch x longest sequence) in one inference batch"
     )
@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         "naturally while the previous batch computes",
     )
     batch_lookahead: int = Field(
-        256, ge=1, description="oldest queued sequences considered when grouping similar lengths into a batch"
+        24, ge=1, description="oldest queued sequences considered when grouping similar lengths into a batch"
     )
     max_queue: int = Field(1024, ge=1, description="queued sequences before requests are refused with 429")
     max_client_batch: int = Field(64, ge=1, description="most inputs in one request (413 above)")

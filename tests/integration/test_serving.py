@@ -261,7 +261,7 @@ def test_models_endpoint_reports_real_providers_and_settings(shared_server) -> N
     assert body["providers"] == ["CPUExecutionProvider"]
     assert body["labels"] == ["negative", "neutral", "positive"]
     assert body["max_length"] == 64
-    assert body["batching"]["max_batch_size"] == 32
+    assert body["batching"]["max_batch_size"] == 8
     assert set(body["variants"]) >= {"fp32"}
     assert body["variant"] == "fp32"
 
