@@ -61,7 +61,7 @@ class BatchPolicy:
     max_wait_s: float = 0.0
     lookahead: int = 24
     max_queue: int = 1024
-    workers: int = 1
+    workers: int = 2
 
 
 @dataclass(slots=True, eq=False)

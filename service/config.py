@@ -53,12 +53,15 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="default deadline of a request (504 after)")
     max_request_timeout_s: float = Field(120.0, gt=0, description="cap on a request's own `timeout_s`")
     inference_workers: int = Field(
-        1,
+        2,
         ge=1,
         le=64,
-        description="batches computed at once, each in its own thread (with intra_op_threads each)",
+        description="batches computed at once, each in its own thread; on a small CPU two single-threaded "
+        "batches keep the cores busier than one two-threaded batch",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all CPU cores")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = CPU cores / inference_workers"
+    )
     ort_spinning: bool = Field(
         False,
         description="let ONNX Runtime's threads spin between ops; off leaves the cores to the HTTP layer",
@@ -90,7 +93,7 @@ class Settings(BaseSettings):
 
     @property
     def threads(self) -> int:
-        return self.intra_op_threads or len(os.sched_getaffinity(0))
+        return self.intra_op_threads or max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

@@ -17,6 +17,8 @@ import yaml
 from crd_schemas import CRD_SCHEMAS
 from deploy_support import COMPONENTS, DEPLOY, K8S, OVERLAYS, REPO, find, image_argv, kustomize, one, parse_dockerfile
 
+from service.config import Settings
+
 K8S_VERSION = "1.37"  # the newest schema kubernetes-validate ships; the manifests use nothing newer than 1.30
 BUILDS = [(overlay, ()) for overlay in OVERLAYS] + [(overlay, COMPONENTS) for overlay in OVERLAYS]
 NAMESPACED_KINDS = {
@@ -199,11 +201,13 @@ def test_resources_and_threads(rendered, build: str) -> None:
     resources = c["resources"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[kind]), (kind, resources)
-    threads = int(settings_of(rendered[build])["BERTSERVE_INTRA_OP_THREADS"])
+    settings = settings_of(rendered[build])
+    threads = int(settings["BERTSERVE_INTRA_OP_THREADS"])
+    workers = int(settings.get("BERTSERVE_INFERENCE_WORKERS", Settings.model_fields["inference_workers"].default))
     cpu_limit = resources["limits"]["cpu"]
     cores = float(cpu_limit[:-1]) / 1000 if str(cpu_limit).endswith("m") else float(cpu_limit)
-    # 0 would mean "all cores of the node", which oversubscribes a CPU quota.
-    assert 0 < threads <= cores, f"INTRA_OP_THREADS={threads} with a CPU limit of {cpu_limit}"
+    # 0 would mean "the node's cores / workers", which oversubscribes a CPU quota; each worker runs its own batch.
+    assert 0 < threads * workers <= cores, f"{workers} workers x {threads} threads with a CPU limit of {cpu_limit}"
 
 
 @pytest.mark.parametrize("build", [build_id(b) for b in BUILDS])
