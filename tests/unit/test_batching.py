@@ -101,7 +101,7 @@ def test_queue_bound_deadline_and_drain() -> None:
     async def main() -> None:
         import time
 
-        batcher = Batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3), Metrics())
+        batcher = Batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, workers=1), Metrics())
         batcher.start()
         far = time.monotonic() + 60
         with pytest.raises(QueueFull):
