@@ -28,18 +28,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.loadgen import HttpConnection, NotLoopback, Target, build_requests, parse_target
+from bench.run import free_port, http_get
 from bench.workload import load_texts, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,20 +54,8 @@ FALLBACK_TEXTS = [
 
 
 # -- server process ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
 
 
 def rss_bytes(pid: int) -> int | None:
