@@ -162,14 +162,18 @@ class Batcher:
         return len(self._queue)
 
     # -- admission -------------------------------------------------------------------------------------
+    def check_room(self, n: int) -> None:
+        """Raise QueueFull now if ``n`` more sequences cannot be queued: refusing costs no tokenization."""
+        if len(self._queue) + n > self.policy.max_queue:
+            self._queue = [item for item in self._queue if not item.future.done()]  # abandoned ones hold no slot
+        if len(self._queue) + n > self.policy.max_queue:
+            raise QueueFull(self._retry_after())
+
     def submit(self, sequences: list[np.ndarray], deadline: float) -> list[asyncio.Future[Output]]:
         """Queue a request's sequences; all or none are admitted."""
         if not self.accepting:
             raise Draining("server is draining")
-        if len(self._queue) + len(sequences) > self.policy.max_queue:
-            self._queue = [item for item in self._queue if not item.future.done()]  # abandoned ones hold no slot
-        if len(self._queue) + len(sequences) > self.policy.max_queue:
-            raise QueueFull(self._retry_after())
+        self.check_room(len(sequences))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         items = [Item(ids, loop.create_future(), deadline, now) for ids in sequences]

@@ -74,6 +74,7 @@ class Engine:
     async def infer(self, texts: list[str], truncate: bool, deadline: float) -> list[Output]:
         if not self.batcher.accepting:  # swapped out by a reload (the API retries on the new engine) or closing
             raise Draining("model is being replaced or the server is draining")
+        self.batcher.check_room(len(texts))  # a 429 before any work; submit checks again after tokenizing
         started = time.perf_counter()
         if sum(map(len, texts)) <= self.inline_chars:
             # A thread hop costs ~0.4 ms under load; the Rust tokenizer takes ~0.02 ms for a short text.
