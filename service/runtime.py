@@ -44,7 +44,7 @@ class Output:
     probs: np.ndarray
 
 
-def _cuda_driver_present() -> bool:
+def cuda_driver_present() -> bool:
     """True when the NVIDIA driver library loads: without it, asking ORT for CUDA only logs an error."""
     try:
         ctypes.CDLL("libcuda.so.1")
@@ -85,7 +85,7 @@ class ModelRuntime:
         self.tokenizer.enable_truncation(self.max_length)
 
         want_cuda = provider == "cuda" or (
-            provider == "auto" and CUDA in ort.get_available_providers() and _cuda_driver_present()
+            provider == "auto" and CUDA in ort.get_available_providers() and cuda_driver_present()
         )
         if provider == "cuda" and CUDA not in ort.get_available_providers():
             raise ProviderError("BERTSERVE_PROVIDER=cuda but this onnxruntime build has no CUDA provider")

@@ -10,6 +10,7 @@ so a failed run (bad parity, a crash, Ctrl-C) never leaves a half-written or unv
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -413,28 +414,13 @@ def evaluate_bundle(
     unknown = sorted(set(data.labels) - set(manifest.labels))
     if unknown:
         raise DataError(f"{data.source}: labels {unknown} are not among the bundle's labels {manifest.labels}")
-    relabelled = LabeledData(
-        texts=data.texts,
-        labels=data.labels,
-        source_of=data.source_of,
-        label_names=list(manifest.labels),
-        source=data.source,
-        info=data.info,
-    )
+    relabelled = dataclasses.replace(data, label_names=list(manifest.labels))
     matches: bool | None = None
     if split == "all":
         part = relabelled
     elif split in ("train", "val", "test"):
         used_seed = seed if seed is not None else int(dataset.get("seed", 42))
-        part = getattr(stratified_split(data, used_seed), split)
-        part = LabeledData(
-            texts=part.texts,
-            labels=part.labels,
-            source_of=part.source_of,
-            label_names=list(manifest.labels),
-            source=part.source,
-            info=part.info,
-        )
+        part = dataclasses.replace(getattr(stratified_split(data, used_seed), split), label_names=list(manifest.labels))
         if split == "test" and dataset.get("test_fingerprint"):
             matches = part.fingerprint() == dataset["test_fingerprint"]
     else:

@@ -7,7 +7,6 @@ damaged on disk the way a bad deploy or a tampered artifact would damage them.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from service.runtime import cuda_driver_present
 
 REPO = Path(__file__).resolve().parents[2]
 START_LIMIT_S = 12.0  # import + bundle verification on a busy 2-core machine; a hang would blow far past it
@@ -158,15 +159,7 @@ def test_missing_bundle_dir_refuses_to_start(tmp_path: Path) -> None:
     assert_refused(rc, output, seconds, [str(missing), "does not exist"])
 
 
-def _cuda_driver_present() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_cuda_driver_present(), reason="a GPU driver is present: CUDA may really start here")
+@pytest.mark.skipif(cuda_driver_present(), reason="a GPU driver is present: CUDA may really start here")
 def test_cuda_demanded_without_gpu_refuses_to_start(tiny_bundle: Path) -> None:
     rc, output, seconds = run_service(tiny_bundle, provider="cuda")
     assert_refused(rc, output, seconds, ["BERTSERVE_PROVIDER=cuda"])
