@@ -52,6 +52,7 @@ class FitOptions:
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    freeze_layers: int = -1
     seed: int = 42
     optimize: bool = False
     quantize: str | None = None
@@ -70,7 +71,6 @@ class FitOptions:
 class FitResult:
     bundle: Bundle
     reports: dict[str, Report]  # ONNX test-split report per variant
-    torch_test: Report
     seconds: float
 
 
@@ -171,10 +171,10 @@ def _train_and_bundle(
     from training import export as ex
     from training.finetune import (
         TrainConfig,
-        evaluate_torch,
         history_dicts,
         load_model,
         pick_device,
+        seed_everything,
         train,
         use_eager_attention,
     )
@@ -185,6 +185,7 @@ def _train_and_bundle(
     ids = {part: getattr(splits, part).label_ids for part in ("train", "val", "test")}
     truncated = float(np.mean(enc["train"].lengths >= options.max_length))
     device = pick_device(options.device)
+    seed_everything(options.seed)  # before the classification head is initialized, so a seed fixes the run
     model = load_model(base_dir, labels)
     if options.max_length > model.config.max_position_embeddings:
         raise TrainingError(
@@ -198,21 +199,17 @@ def _train_and_bundle(
         weight_decay=options.weight_decay,
         warmup_ratio=options.warmup_ratio,
         seed=options.seed,
+        freeze_layers=options.freeze_layers,
     )
     _say(
         options,
         f"model: {base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
         f"{device}; max_length {options.max_length} ({truncated:.0%} of training texts truncated), "
-        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}",
+        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}, "
+        f"frozen: {'nothing' if config.freeze_layers < 0 else f'embeddings + {config.freeze_layers} layer(s)'}",
     )
     trained = train(
         model, enc["train"], ids["train"], enc["val"], ids["val"], labels, config, device, progress=options.progress
-    )
-    torch_test, _ = evaluate_torch(model, enc["test"], ids["test"], labels, config.eval_batch_size, device)
-    _say(
-        options,
-        f"PyTorch test (best epoch {trained.best_epoch}): accuracy {torch_test.accuracy:.4f}, "
-        f"macro-F1 {torch_test.macro_f1:.4f}",
     )
     model = use_eager_attention(model.to("cpu").eval())
 
@@ -292,7 +289,6 @@ def _train_and_bundle(
                 "train_seconds": round(trained.train_seconds, 2),
                 "total_seconds": round(seconds, 2),
                 "train_truncated_fraction": round(truncated, 4),
-                "pytorch_test": _round(torch_test.summary()),
                 "export": export_log,
                 "tokenizer_files": tokenizer_files,
                 "versions": _versions(),
@@ -307,7 +303,7 @@ def _train_and_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     bundle = load_bundle(output)
-    return FitResult(bundle=bundle, reports=reports, torch_test=torch_test, seconds=time.perf_counter() - started)
+    return FitResult(bundle=bundle, reports=reports, seconds=time.perf_counter() - started)
 
 
 def _parity_line(variant: str, result: Any) -> str:

@@ -67,10 +67,13 @@ def tiny_dataset(n_per_class: int = 80, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
-def write_tiny_base_model(directory: Path, seed: int = 0) -> Path:
-    """Save a random-init tiny BertForSequenceClassification checkpoint plus the MiniLM tokenizer files."""
+def write_tiny_base_model(directory: Path, seed: int = 0, head: bool = True) -> Path:
+    """Save a random-init tiny BertForSequenceClassification checkpoint plus the MiniLM tokenizer files.
+
+    ``head=False`` saves a bare BertModel, like the packaged MiniLM: fit then initializes the head itself.
+    """
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -87,7 +90,7 @@ def write_tiny_base_model(directory: Path, seed: int = 0) -> Path:
         type_vocab_size=2,
         num_labels=len(TINY_LABELS),
     )
-    BertForSequenceClassification(config).save_pretrained(str(directory))
+    (BertForSequenceClassification(config) if head else BertModel(config)).save_pretrained(str(directory))
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, directory / name)

@@ -288,3 +288,30 @@ def test_evaluate_refuses_a_tampered_bundle(tiny_bundle: Path, tiny_csv: Path, t
         handle.write(b"\0")
     with pytest.raises(BundleError, match="checksum mismatch"):
         evaluate_bundle(copy, str(tiny_csv), variant="int8")
+
+
+def test_a_seed_fixes_the_whole_run_including_the_new_classification_head(tiny_csv: Path, tmp_path: Path) -> None:
+    """A bare encoder (like the packaged MiniLM) gets a freshly initialized head: the seed must cover it too."""
+    base = write_tiny_base_model(tmp_path / "bare", seed=0, head=False)
+    texts = [text for text, _ in tiny_dataset(seed=3)[:16]]
+    logits = {}
+    for run, seed in (("a", 7), ("b", 7), ("c", 8)):
+        fit(quick_options(tiny_csv, base, tmp_path / run, seed=seed))
+        logits[run] = served_logits(tmp_path / run, texts)
+    np.testing.assert_array_equal(logits["a"], logits["b"])
+    assert not np.allclose(logits["a"], logits["c"])
+
+
+def test_freeze_layers_keeps_the_embeddings_and_bottom_layers_unchanged(tiny_csv: Path, tmp_path: Path) -> None:
+    from training.finetune import freeze_bottom
+
+    model = load_model(write_tiny_base_model(tmp_path / "base", seed=0), list(TINY_LABELS))
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze_bottom(model, -1) == total
+    trainable = freeze_bottom(model, 1)
+    frozen = [*model.bert.embeddings.parameters(), *model.bert.encoder.layer[0].parameters()]
+    assert trainable == total - sum(p.numel() for p in frozen)
+    assert all(not p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in model.bert.encoder.layer[1].parameters())
+    with pytest.raises(TrainingError, match="only 2 encoder layers"):
+        freeze_bottom(load_model(tmp_path / "base", list(TINY_LABELS)), 3)
