@@ -37,6 +37,7 @@ from tokenizers import Tokenizer
 
 from bench.workload import length_summary, load_texts, make_texts, percentile
 from service.bundle import Bundle, load_bundle
+from service.runtime import session_options as service_session_options
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -58,15 +59,8 @@ def session_options(threads: int, spinning: bool | None = None) -> ort.SessionOp
     """The service's session options (service.runtime.ModelRuntime): full graph optimization, sequential
     execution, ``threads`` intra-op threads, no memory patterns (shapes change every batch), spinning as
     BERTSERVE_ORT_SPINNING says (off by default)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_mem_pattern = False
     spin = _env_flag("BERTSERVE_ORT_SPINNING") if spinning is None else spinning
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    return options
+    return service_session_options(threads, spin)
 
 
 def make_session(

@@ -523,6 +523,9 @@ def add_native_routes(app: FastAPI, state: AppState) -> None:
                 "lookahead": p.lookahead,
                 "max_queue": p.max_queue,
                 "max_client_batch": settings.max_client_batch,
+                "workers": p.workers,
+                "intra_op_threads": r.threads,
+                "solo_threads": r.solo_threads,
                 "queue_depth": engine.batcher.depth,
             },
         })  # fmt: skip

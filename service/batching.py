@@ -1,4 +1,4 @@
-"""The dynamic batcher: a bounded queue, one scheduler task that owns it, one inference worker thread.
+"""The dynamic batcher: a bounded queue, one scheduler task that owns it, a few inference worker threads.
 
 Design (after text-embeddings-inference's queue and Infinity's batch handler):
 - Only the scheduler task touches the queue and only on the event loop, so there are no locks.
@@ -8,6 +8,10 @@ Design (after text-embeddings-inference's queue and Infinity's batch handler):
   bounded by max_batch_size sequences and max_batch_tokens padded tokens. On a CPU, batching only pays when
   lengths are grouped: batches in arrival order pad to ~2.5x the real tokens and run slower than batch 1.
 - Expired and abandoned sequences are dropped when a batch is formed, so they cost no compute.
+- Under load, ``workers`` batches compute at once on single-threaded sessions (keeps every core busy); a batch
+  that would run alone (no other batch computing, nothing else queued) runs "solo" on the backend's wide session
+  with every core and holds every worker slot meanwhile, so a lone client gets the lowest latency and the
+  cores are never oversubscribed.
 """
 
 from __future__ import annotations
@@ -50,13 +54,16 @@ class InferenceFailed(Exception):
 
 
 class Backend(Protocol):
-    def run(self, sequences: list[np.ndarray]) -> list[Output]: ...
+    @property
+    def can_run_solo(self) -> bool: ...
+
+    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
     max_batch_size: int = 8
-    max_batch_tokens: int = 4096
+    max_batch_tokens: int = 384
     max_padding_ratio: float = 1.25
     max_wait_s: float = 0.0
     lookahead: int = 24
@@ -211,8 +218,14 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
+            solo = self.backend.can_run_solo and self._busy == 0 and not self._queue
+            held = 1
+            if solo:  # nothing computes, so every slot is free and these acquires return at once
+                for _ in range(self.policy.workers - 1):
+                    await self._slots.acquire()
+                held = self.policy.workers
             self._busy += 1
-            task = loop.create_task(self._run_batch(batch))
+            task = loop.create_task(self._run_batch(batch, solo, held))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -220,11 +233,11 @@ class Batcher:
         if not self._queue and not self._busy:
             self._idle.set()
 
-    async def _run_batch(self, batch: list[Item]) -> None:
+    async def _run_batch(self, batch: list[Item], solo: bool, held: int) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._compute, [i.ids for i in batch])
+            outputs = await loop.run_in_executor(self._executor, self._compute, [i.ids for i in batch], solo)
         except Exception as exc:  # one bad batch fails its own requests, never the server
             log.exception("inference batch of %d failed", len(batch))
             self.metrics.batch_failures.inc()
@@ -234,10 +247,11 @@ class Batcher:
             return
         finally:
             self._busy -= 1
-            self._slots.release()
+            for _ in range(held):
+                self._slots.release()
             self._check_idle()
         elapsed = time.perf_counter() - started
-        rate = len(batch) / elapsed * self.policy.workers
+        rate = len(batch) / elapsed * (1 if solo else self.policy.workers)
         self._rate = 0.8 * self._rate + 0.2 * rate if self._rate else rate
         for item, output in zip(batch, outputs, strict=True):
             if not item.future.done():
@@ -267,10 +281,10 @@ class Batcher:
             queue_hist.observe(now - item.enqueued)
         return chosen
 
-    def _compute(self, sequences: list[np.ndarray]) -> list[Output]:
+    def _compute(self, sequences: list[np.ndarray], solo: bool) -> list[Output]:
         """Runs in the worker thread."""
         started = time.perf_counter()
-        outputs = self.backend.run(sequences)
+        outputs = self.backend.run(sequences, solo=solo)
         m = self.metrics
         m.inference_duration.observe(time.perf_counter() - started)
         real = sum(len(s) for s in sequences)

@@ -29,7 +29,10 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, le=1024, description="most sequences in one inference batch")
     max_batch_tokens: int = Field(
-        4096, ge=16, description="most padded tokens (batch x longest sequence) in one inference batch"
+        384,
+        ge=16,
+        description="most padded tokens (batch x longest sequence) in one inference batch; small on a CPU so a "
+        "batch of long texts finishes quickly (a lone longer sequence still runs)",
     )
     max_padding_ratio: float = Field(
         1.25,
@@ -61,6 +64,13 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = CPU cores / inference_workers"
+    )
+    solo_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads for a batch that runs alone (no other batch computing, nothing "
+        "queued), in a second session on CPU; 0 = inference_workers x intra-op threads; a value no larger "
+        "than the intra-op threads turns the second session off",
     )
     ort_spinning: bool = Field(
         False,
@@ -94,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def threads(self) -> int:
         return self.intra_op_threads or max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
+
+    @property
+    def solo_thread_count(self) -> int:
+        return self.solo_threads or self.threads * self.inference_workers
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

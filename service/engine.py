@@ -50,6 +50,7 @@ class Engine:
             variant=variant or settings.variant,
             threads=settings.threads,
             spinning=settings.ort_spinning,
+            solo_threads=settings.solo_thread_count,
         )
         return cls(runtime, settings, metrics)
 

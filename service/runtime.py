@@ -64,6 +64,18 @@ def choose_variant(requested: str, bundle: Bundle, on_cuda: bool) -> str:
     return next(v for v in order if v in available)
 
 
+def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Shapes change with every batch, so pre-planned memory patterns never hit.
+    options.enable_mem_pattern = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class ModelRuntime:
     """An ONNX Runtime session plus the bundle's fast tokenizer; thread-safe for one runner at a time."""
 
@@ -74,6 +86,7 @@ class ModelRuntime:
         variant: str = "auto",
         threads: int = 1,
         spinning: bool = False,
+        solo_threads: int = 0,
     ) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
@@ -90,17 +103,11 @@ class ModelRuntime:
         if provider == "cuda" and CUDA not in ort.get_available_providers():
             raise ProviderError("BERTSERVE_PROVIDER=cuda but this onnxruntime build has no CUDA provider")
         self.variant = choose_variant(variant, bundle, want_cuda)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # Shapes change with every batch, so pre-planned memory patterns never hit.
-        options.enable_mem_pattern = False
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers = [CUDA, CPU] if want_cuda else [CPU]
         model_path = bundle.model_path(self.variant)
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(threads, spinning), providers=providers
+        )
         # onnxruntime-gpu silently falls back to CPU when CUDA libraries are missing: trust only get_providers().
         self.providers: list[str] = self.session.get_providers()
         self.on_cuda = CUDA in self.providers
@@ -111,16 +118,31 @@ class ModelRuntime:
                     "(missing CUDA/cuDNN libraries or no GPU); it fell back to CPU"
                 )
             log.warning("CUDA provider unavailable at session creation; serving on CPU")
+        # A lone batch (nothing else computing or queued) gets every core through a second, wider session: one
+        # intra-op pool cannot change its size, and the single-threaded sessions that keep two batches busy
+        # under load leave half the CPU idle for a lone client. The cost is a second copy of the weights.
+        self.solo_session: ort.InferenceSession | None = None
+        if not self.on_cuda and solo_threads > threads:
+            self.solo_session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(solo_threads, spinning), providers=[CPU]
+            )
+        self.threads = threads
+        self.solo_threads = solo_threads if self.solo_session is not None else None
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
         log.info(
-            "loaded %s:%s variant=%s file=%s providers=%s threads=%d",
+            "loaded %s:%s variant=%s file=%s providers=%s threads=%d solo_threads=%s",
             self.name, self.version, self.variant, model_path.name, self.providers, threads,
+            solo_threads if self.solo_session is not None else "off",
         )  # fmt: skip
 
     @property
     def provider(self) -> str:
         return self.providers[0]
+
+    @property
+    def can_run_solo(self) -> bool:
+        return self.solo_session is not None
 
     # -- pre -------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], truncate: bool) -> list[np.ndarray]:
@@ -134,8 +156,8 @@ class ModelRuntime:
         return out
 
     # -- core + post -----------------------------------------------------------------------------------
-    def run(self, sequences: list[np.ndarray]) -> list[Output]:
-        """Pad to the longest sequence, run the session, return logits and softmax per sequence."""
+    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]:
+        """Pad to the longest sequence, run the session (the wide one if ``solo``), return logits and softmax."""
         length = max(len(s) for s in sequences)
         input_ids = np.zeros((len(sequences), length), dtype=np.int64)
         attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
@@ -145,15 +167,16 @@ class ModelRuntime:
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        logits = self._run(feeds).astype(np.float32, copy=False)
+        logits = self._run(feeds, solo).astype(np.float32, copy=False)
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = np.exp(shifted)
         probs = exp / exp.sum(axis=1, keepdims=True)
         return [Output(logits[i], probs[i]) for i in range(len(sequences))]
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _run(self, feeds: dict[str, np.ndarray], solo: bool) -> np.ndarray:
         if not self.on_cuda:
-            return self.session.run([self.output_name], feeds)[0]
+            session = self.solo_session if solo and self.solo_session is not None else self.session
+            return session.run([self.output_name], feeds)[0]
         # I/O binding: inputs copied to the device once, logits written straight back into host memory.
         binding = self.session.io_binding()
         for name, array in feeds.items():
@@ -172,4 +195,6 @@ class ModelRuntime:
             ids[0], ids[-1] = cls_sep[0], cls_sep[-1]
             for _ in range(runs):
                 self.run([ids] * batch)
+                if self.solo_session is not None:
+                    self.run([ids] * batch, solo=True)
         return time.perf_counter() - start

@@ -264,6 +264,16 @@ def test_models_endpoint_reports_real_providers_and_settings(shared_server) -> N
     assert body["batching"]["max_batch_size"] == 8
     assert set(body["variants"]) >= {"fp32"}
     assert body["variant"] == "fp32"
+    batching = body["batching"]
+    assert batching["workers"] == 2 and batching["solo_threads"] == 2 * batching["intra_op_threads"]
+
+
+def test_solo_session_can_be_turned_off_and_lone_requests_still_match(start_server, tiny_bundle: Path) -> None:
+    server = start_server(solo_threads=1)
+    assert server.client.get("/v1/models").json()["batching"]["solo_threads"] is None
+    (want,) = reference_scores(tiny_bundle, TEXTS[:1])
+    got = as_dict(server.client.post("/v1/predict", json={"inputs": TEXTS[0]}).json()["predictions"][0])
+    assert max(abs(got[k] - want[k]) for k in want) < 1e-5
 
 
 def test_disconnected_client_is_dropped_before_compute(start_server) -> None:

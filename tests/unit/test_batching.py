@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -47,7 +49,7 @@ def test_padding_ratio_bounds_padded_per_real_token() -> None:
         assert len(picked) * max(lengths[i] for i in picked) <= policy.max_padding_ratio * real + 1e-9
     # a loose ratio lets a mixed window go together; the default splits short from long
     mixed = [10, 11, 12, 150, 160]
-    assert len(select_batch(mixed, BatchPolicy(max_padding_ratio=10.0))) == 5
+    assert len(select_batch(mixed, BatchPolicy(max_padding_ratio=10.0, max_batch_tokens=4096))) == 5
     assert sorted(select_batch(mixed, BatchPolicy())) == [0, 1, 2]
 
 
@@ -69,15 +71,27 @@ def test_sorted_grouping_pads_far_less_than_arrival_order() -> None:
 class EchoBackend:
     """A real (if trivial) backend: logits are the sequence length, so results can be checked per sequence."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, can_run_solo: bool = False) -> None:
         self.delay = delay
+        self.can_run_solo = can_run_solo
         self.batches: list[int] = []
+        self.solo: list[bool] = []
+        self.running = 0
+        self.most_running = 0
+        self.overlapped_solo = False
+        self._lock = threading.Lock()
 
-    def run(self, sequences: list[np.ndarray]) -> list[Output]:
-        import time
-
+    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.overlapped_solo |= solo and self.running > 1
         time.sleep(self.delay)
-        self.batches.append(len(sequences))
+        with self._lock:
+            self.running -= 1
+            self.overlapped_solo |= solo and self.running > 0
+            self.batches.append(len(sequences))
+            self.solo.append(solo)
         return [Output(np.array([len(s)], np.float32), np.array([1.0], np.float32)) for s in sequences]
 
 
@@ -99,8 +113,6 @@ def test_results_come_back_to_their_own_requests_and_batches_form() -> None:
 
 def test_queue_bound_deadline_and_drain() -> None:
     async def main() -> None:
-        import time
-
         batcher = Batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, workers=1), Metrics())
         batcher.start()
         far = time.monotonic() + 60
@@ -116,6 +128,26 @@ def test_queue_bound_deadline_and_drain() -> None:
         assert pending[0].done() and pending[0].result().logits[0] == 5
         with pytest.raises(Draining):
             batcher.submit([np.zeros(3, np.int64)], far)
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_a_lone_batch_runs_solo_and_load_runs_on_every_worker() -> None:
+    """Solo batches use the wide session and never share the CPU with another batch; queued load is spread."""
+
+    async def main() -> None:
+        backend = EchoBackend(delay=0.02, can_run_solo=True)
+        batcher = Batcher(backend, BatchPolicy(max_batch_size=2, workers=2), Metrics())
+        batcher.start()
+        far = time.monotonic() + 60
+        for n in (3, 4, 5):  # one client at a time: each batch runs alone
+            assert (await batcher.submit([np.zeros(n, np.int64)], far)[0]).logits[0] == n
+        assert backend.solo == [True, True, True]
+        futures = [batcher.submit([np.zeros(n, np.int64)], far)[0] for n in range(1, 21)]
+        assert [int(o.logits[0]) for o in await asyncio.gather(*futures)] == list(range(1, 21))
+        assert backend.most_running == 2 and not backend.overlapped_solo
+        assert backend.solo[3:].count(False) >= 8  # the queue was deep: batches ran two at a time
         await batcher.close()
 
     asyncio.run(main())
