@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -75,6 +76,22 @@ class Server:
             self.proc.wait(10)
         self.client.close()
         self._log.close()
+
+    def predict_concurrently(self, texts: list[str], concurrency: int, timeout: float = 30) -> list[httpx.Response]:
+        """POST each text to /v1/predict alone, ``concurrency`` requests in flight at once; responses in order."""
+
+        async def run() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=concurrency)
+            async with httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits) as client:
+                sem = asyncio.Semaphore(concurrency)
+
+                async def one(text: str) -> httpx.Response:
+                    async with sem:
+                        return await client.post("/v1/predict", json={"inputs": text})
+
+                return list(await asyncio.gather(*(one(t) for t in texts)))
+
+        return asyncio.run(run())
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Value of one sample in /metrics, parsed by prometheus_client's own parser (0 if absent)."""

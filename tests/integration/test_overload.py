@@ -28,7 +28,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 
@@ -287,18 +286,7 @@ def test_a_failing_batch_fails_only_its_own_requests(start_server: Any, mismatch
     seqs_before = server.metric("bertserve_batch_size_sum")
     failures_before = server.metric("bertserve_batch_failures_total")
 
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30,
-                                     limits=httpx.Limits(max_connections=64)) as ac:  # fmt: skip
-            sem = asyncio.Semaphore(48)
-
-            async def one(text: str) -> httpx.Response:
-                async with sem:
-                    return await ac.post("/v1/predict", json={"inputs": text})
-
-            return await asyncio.gather(*(one(t) for t in texts))
-
-    responses = asyncio.run(burst())
+    responses = server.predict_concurrently(texts, concurrency=48)
     codes = Counter(r.status_code for r in responses)
     failed_batches = server.metric("bertserve_batch_failures_total") - failures_before
     computed = server.metric("bertserve_batch_size_sum") - seqs_before  # sequences of the batches that succeeded

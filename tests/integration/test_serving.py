@@ -73,18 +73,7 @@ def test_64_concurrent_clients_all_correct_and_batched(start_server, tiny_bundle
              for _ in range(256)]  # fmt: skip
     expected = reference_scores(tiny_bundle, texts)
 
-    async def run() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-            sem = asyncio.Semaphore(64)
-
-            async def one(text: str) -> httpx.Response:
-                async with sem:
-                    return await client.post("/v1/predict", json={"inputs": text})
-
-            return await asyncio.gather(*(one(t) for t in texts))
-
-    responses = asyncio.run(run())
+    responses = server.predict_concurrently(texts, concurrency=64, timeout=60)
     assert [r.status_code for r in responses] == [200] * len(texts)
     for r, want in zip(responses, expected, strict=True):
         got = as_dict(r.json()["predictions"][0])
