@@ -133,7 +133,7 @@ class ModelRuntime:
         log.info(
             "loaded %s:%s variant=%s file=%s providers=%s threads=%d solo_threads=%s",
             self.name, self.version, self.variant, model_path.name, self.providers, threads,
-            solo_threads if self.solo_session is not None else "off",
+            self.solo_threads or "off",
         )  # fmt: skip
 
     @property

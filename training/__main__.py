@@ -101,6 +101,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _layer_count(value: str) -> int:
+    number = int(value)
+    if number < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 to train everything, got {number}")
+    return number
+
+
 def _fraction(value: str) -> float:
     number = float(value)
     if not 0 <= number < 1:
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--warmup-ratio", type=_fraction, default=0.1, help="share of steps warming up (default: 0.1)")
     fit.add_argument(
         "--freeze-layers",
-        type=int,
+        type=_layer_count,
         default=-1,
         help="keep the embeddings and this many bottom encoder layers frozen; -1 (default) trains everything",
     )

@@ -172,7 +172,13 @@ def test_variant_not_in_bundle_refuses_to_start(tiny_bundle: Path) -> None:
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("max_batch_size", "0"), ("provider", "tpu"), ("max_body_bytes", "lots"), ("request_timeout_s", "-1")],
+    [
+        ("max_batch_size", "0"),
+        ("provider", "tpu"),
+        ("max_body_bytes", "lots"),
+        ("request_timeout_s", "-1"),
+        ("solo_threads", "-1"),
+    ],
 )
 def test_invalid_setting_refuses_to_start(tiny_bundle: Path, setting: str, value: str) -> None:
     rc, output, seconds = run_service(tiny_bundle, **{setting: value})

@@ -257,6 +257,7 @@ def test_cli_bad_data_exits_2_with_one_line_error_and_no_traceback(tmp_path: Pat
         (["fit", "--data", "{csv}", "--text-column", "body", "--output", "{out}"], "column 'body' not found"),
         (["fit", "--data", "{csv}", "--output", "{out}", "--base-model", "{missing}"], "directory not found"),
         (["fit", "--data", "{csv}", "--output", "{out}", "--version", "no spaces"], "invalid --name/--version"),
+        (["fit", "--data", "{csv}", "--output", "{out}", "--freeze-layers", "7"], "only 6 encoder layers"),
         (["fit", "--data", "{csv}", "--output", "{notbundle}"], "is not a model bundle; refusing to replace it"),
         (["evaluate", "--bundle", "{missing}", "--data", "{csv}"], "model bundle directory does not exist"),
     ],
@@ -315,3 +316,10 @@ def test_freeze_layers_keeps_the_embeddings_and_bottom_layers_unchanged(tiny_csv
     assert all(p.requires_grad for p in model.bert.encoder.layer[1].parameters())
     with pytest.raises(TrainingError, match="only 2 encoder layers"):
         freeze_bottom(load_model(tmp_path / "base", list(TINY_LABELS)), 3)
+
+
+def test_cli_rejects_a_negative_freeze_count_other_than_minus_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--data", "bbc", "--output", "unused", "--freeze-layers", "-2"])
+    assert exit_info.value.code == 2
+    assert "--freeze-layers: must be >= 0, or -1 to train everything, got -2" in capsys.readouterr().err
