@@ -8,6 +8,14 @@ fast tokenizer inside the timed loop (what a server must also do: this is the ce
 what tokenization costs). Sorted batches are visited in a shuffled order, so a run cut short by
 ``--max-seconds`` still sees the whole length distribution.
 
+Each of those runs once per thread layout ``WxT``: W sessions of T intra-op threads each, computing W batches at
+once from one shared list (W Python threads; ONNX Runtime and the tokenizer release the GIL). By default the
+layouts are the two the service uses: one session on every core (a batch that runs alone, the solo lane) and
+``inference_workers`` sessions of ``intra_op_threads`` (the busy service). On a small CPU two single-threaded
+batches at once beat one two-threaded batch, so measuring only one session would understate the ceiling. The
+best of every layout is the ceiling; the batch-1 latency is the single-session one, which is what a lone client
+can get.
+
 Each variant's achieved FLOP/s is also reported as a fraction of the CPU's fp32 peak (cores x FLOP/cycle x
 clock), with matrix-multiply FLOPs computed from the graph's own dimensions and the real (unpadded) lengths, and
 again for the padded lengths the hardware actually executed.
@@ -24,6 +32,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,6 +46,7 @@ from tokenizers import Tokenizer
 
 from bench.workload import length_summary, load_texts, make_texts, percentile
 from service.bundle import Bundle, load_bundle
+from service.config import Settings
 from service.runtime import session_options as service_session_options
 
 CUDA = "CUDAExecutionProvider"
@@ -53,6 +63,34 @@ def service_threads() -> int:
     """Intra-op threads as the service chooses them: BERTSERVE_INTRA_OP_THREADS, else every usable core."""
     value = int(os.environ.get("BERTSERVE_INTRA_OP_THREADS", "0") or 0)
     return value or len(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``workers`` sessions of ``threads`` intra-op threads each, computing batches at the same time."""
+
+    workers: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.workers}x{self.threads}"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        workers, _, threads = text.strip().partition("x")
+        layout = cls(int(workers), int(threads))
+        if layout.workers < 1 or layout.threads < 1:
+            raise ValueError(f"layout {text!r}: workers and threads must be >= 1")
+        return layout
+
+
+def service_layouts(intra_op_threads: int | None = None) -> list[Layout]:
+    """The layouts the service runs with its BERTSERVE_* settings: solo (one session, all its threads), busy
+    (``inference_workers`` x intra-op threads). ``intra_op_threads`` overrides the per-worker threads."""
+    settings = Settings(intra_op_threads=intra_op_threads) if intra_op_threads else Settings()
+    solo = max(settings.solo_thread_count, settings.threads)  # no solo session: a lone batch runs on a worker's
+    layouts = [Layout(1, solo), Layout(settings.inference_workers, settings.threads)]
+    return list(dict.fromkeys(layouts))
 
 
 def session_options(threads: int, spinning: bool | None = None) -> ort.SessionOptions:
@@ -207,6 +245,8 @@ def make_runner(session: ort.InferenceSession, io_binding: bool) -> Callable[[di
 
 @dataclass
 class VariantResult:
+    workers: int
+    threads: int
     batch_size: int
     order: str
     tokenize: bool
@@ -234,11 +274,52 @@ def batches_for(lengths: Sequence[int], batch_size: int, order: str, seed: int) 
     return groups
 
 
+def _drive(
+    groups: Sequence[list[int]],
+    runners: Sequence[Callable[[int], None]],
+    max_seconds: float,
+) -> tuple[list[list[int]], list[float], float]:
+    """Run ``runner(n)`` for the groups in order, ``len(runners)`` at once, until done or ``max_seconds``.
+
+    Returns the groups done, each one's latency and the wall time. Workers take the next group from a shared
+    counter, as the service's workers take the next batch from its queue.
+    """
+    perf = time.perf_counter
+    done: list[list[int]] = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(groups)))
+    start = perf()
+
+    def work(runner: Callable[[int], None]) -> None:
+        while True:
+            with lock:
+                n = next(cursor, None) if perf() - start <= max_seconds else None
+            if n is None:
+                return
+            t0 = perf()
+            runner(n)
+            t1 = perf()
+            with lock:
+                latencies.append(t1 - t0)
+                done.append(groups[n])
+
+    if len(runners) == 1:
+        work(runners[0])
+    else:
+        threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in runners]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return done, latencies, perf() - start
+
+
 def measure(
     texts: Sequence[str],
     ids: Sequence[Sequence[int]],
     encoder: Encoder,
-    run: Callable[[dict[str, np.ndarray]], np.ndarray],
+    runs: Sequence[Callable[[dict[str, np.ndarray]], np.ndarray]],
     with_type_ids: bool,
     batch_size: int,
     order: str,
@@ -247,29 +328,23 @@ def measure(
     dims: ModelDims | None,
     peak: float | None,
     seed: int = 0,
+    threads: int = 0,
 ) -> VariantResult:
-    """One pass over the texts (or as much as fits in ``max_seconds``) in batches of ``batch_size``."""
+    """One pass over the texts (or as much as fits in ``max_seconds``) in batches of ``batch_size``, with one
+    worker per session in ``runs`` (``threads`` intra-op threads each, recorded in the result)."""
     lengths = [len(s) for s in ids]
     groups = batches_for(lengths, batch_size, order, seed)
     prepared = None if tokenize else [pad([ids[i] for i in g], with_type_ids) for g in groups]
-    for g in groups[:2]:  # warm the arena for these shapes; not timed
-        run(pad([ids[i] for i in g], with_type_ids))
-    latencies: list[float] = []
-    done: list[list[int]] = []
-    perf = time.perf_counter
-    start = perf()
-    for n, group in enumerate(groups):
-        t0 = perf()
+    for run in runs:
+        for g in groups[:2]:  # warm each session's arena for these shapes; not timed
+            run(pad([ids[i] for i in g], with_type_ids))
+
+    def runner(run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Callable[[int], None]:
         if prepared is not None:
-            run(prepared[n])
-        else:
-            run(pad(encoder.ids([texts[i] for i in group]), with_type_ids))
-        t1 = perf()
-        latencies.append(t1 - t0)
-        done.append(group)
-        if t1 - start > max_seconds:
-            break
-    seconds = perf() - start
+            return lambda n: run(prepared[n])
+        return lambda n: run(pad(encoder.ids([texts[i] for i in groups[n]]), with_type_ids))
+
+    done, latencies, seconds = _drive(groups, [runner(r) for r in runs], max_seconds)
     sequences = sum(len(g) for g in done)
     real = sum(lengths[i] for g in done for i in g)
     padded = sum(len(g) * max(lengths[i] for i in g) for g in done)
@@ -279,6 +354,8 @@ def measure(
         executed = sum(len(g) * dims.flops(max(lengths[i] for i in g)) for g in done) / seconds
     lat = sorted(latencies)
     return VariantResult(
+        workers=len(runs),
+        threads=threads,
         batch_size=batch_size,
         order=order,
         tokenize=tokenize,
@@ -310,50 +387,57 @@ def run_ceiling(
     orders: Sequence[str] = ("arrival", "sorted"),
     tokenize_modes: Sequence[bool] = (True, False),
     max_seconds: float = 20.0,
-    threads: int | None = None,
+    layouts: Sequence[Layout] | None = None,
     provider: str = "cpu",
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every (batch size, order, tokenization) variant and return the JSON-able report."""
+    """Measure every (layout, batch size, order, tokenization) run and return the JSON-able report."""
     bundle = load_bundle(model_dir)
-    threads = threads or service_threads()
+    layouts = list(layouts or service_layouts())
     model_path = bundle.model_path(variant)
-    session = make_session(model_path, threads, provider)
-    if provider == "cuda" and not cuda_active(session):
-        raise RuntimeError(f"CUDA execution provider not active (session uses {session.get_providers()})")
-    with_type_ids = "token_type_ids" in {i.name for i in session.get_inputs()}
     encoder = Encoder(bundle)
     ids = encoder.ids(texts)
     dims = model_dims(model_path)
     peak_info = cpu_peak()
     peak = peak_info["peak_flops"] if provider == "cpu" else None
-    run = make_runner(session, io_binding=provider == "cuda")
     results: list[VariantResult] = []
-    for tokenize in tokenize_modes:
-        for batch_size in batch_sizes:
-            for order in orders:
-                if batch_size == 1 and order == "sorted" and "arrival" in orders:
-                    continue  # a batch of one has no padding: sorted is the same run
-                r = measure(
-                    texts, ids, encoder, run, with_type_ids, batch_size, order, tokenize, max_seconds, dims, peak, seed
-                )
-                results.append(r)
-                if log:
-                    frac = f" {100 * r.fraction_of_peak:.1f}% of peak" if r.fraction_of_peak else ""
-                    log(
-                        f"ceiling {variant} bs={batch_size:<3d} {order:<7s} tokenize={tokenize!s:<5s} "
-                        f"{r.sequences_per_s:8.1f} seq/s  batch p50={r.batch_latency_ms['p50']:7.2f}ms  "
-                        f"padding x{r.padding_ratio:.2f}{frac}"
-                    )
+    providers_in_use: list[str] = []
+    with_type_ids = False
+    for layout in layouts:
+        sessions = [make_session(model_path, layout.threads, provider) for _ in range(layout.workers)]
+        if provider == "cuda" and not all(cuda_active(s) for s in sessions):
+            raise RuntimeError(f"CUDA execution provider not active (session uses {sessions[0].get_providers()})")
+        providers_in_use = sessions[0].get_providers()
+        with_type_ids = "token_type_ids" in {i.name for i in sessions[0].get_inputs()}
+        runs = [make_runner(s, io_binding=provider == "cuda") for s in sessions]
+        for tokenize in tokenize_modes:
+            for batch_size in batch_sizes:
+                for order in orders:
+                    if batch_size == 1 and order == "sorted" and "arrival" in orders:
+                        continue  # a batch of one has no padding: sorted is the same run
+                    r = measure(
+                        texts, ids, encoder, runs, with_type_ids, batch_size, order, tokenize, max_seconds,
+                        dims, peak, seed, threads=layout.threads,
+                    )  # fmt: skip
+                    results.append(r)
+                    if log:
+                        frac = f" {100 * r.fraction_of_peak:.1f}% of peak" if r.fraction_of_peak else ""
+                        log(
+                            f"ceiling {variant} {layout} bs={batch_size:<3d} {order:<7s} tokenize={tokenize!s:<5s} "
+                            f"{r.sequences_per_s:8.1f} seq/s  batch p50={r.batch_latency_ms['p50']:7.2f}ms  "
+                            f"padding x{r.padding_ratio:.2f}{frac}"
+                        )
+        del sessions, runs  # free one layout's sessions (memory, thread pools) before the next
 
     def best(tokenized: bool) -> dict[str, Any] | None:
         pool = [r for r in results if r.tokenize == tokenized]
         return asdict(max(pool, key=lambda r: r.sequences_per_s)) if pool else None
 
     def batch1(tokenized: bool) -> dict[str, Any] | None:
-        pool = [r for r in results if r.tokenize == tokenized and r.batch_size == 1]
-        return asdict(pool[0]) if pool else None
+        """Batch 1 on one session: the latency a lone client can get (with the most threads, if several)."""
+        pool = [r for r in results if r.tokenize == tokenized and r.batch_size == 1 and r.workers == 1]
+        return asdict(max(pool, key=lambda r: r.threads)) if pool else None
 
     return {
         "model_dir": str(bundle.path),
@@ -362,8 +446,8 @@ def run_ceiling(
         "variant": variant,
         "model_file": model_path.name,
         "provider": provider,
-        "providers_in_use": session.get_providers(),
-        "threads": threads,
+        "providers_in_use": providers_in_use,
+        "layouts": [str(layout) for layout in layouts],
         "onnxruntime": ort.__version__,
         "n_texts": len(texts),
         "tokens": length_summary([len(s) for s in ids]),
@@ -392,7 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orders", default="arrival,sorted")
     parser.add_argument("--no-pretokenized", action="store_true", help="skip the runs without tokenization")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per variant")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = as the service")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per worker; 0 = as the service")
+    parser.add_argument(
+        "--layouts",
+        type=lambda text: [Layout.parse(x) for x in text.split(",") if x],
+        help="WxT,... sessions x intra-op threads each (default: the service's solo and busy layouts)",
+    )
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
@@ -405,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         orders=[o for o in args.orders.split(",") if o],
         tokenize_modes=(True,) if args.no_pretokenized else (True, False),
         max_seconds=args.max_seconds,
-        threads=args.threads or None,
+        layouts=args.layouts or service_layouts(args.threads or None),
         provider=args.provider,
         seed=args.seed,
         log=lambda line: print(line, file=sys.stderr, flush=True),

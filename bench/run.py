@@ -407,7 +407,9 @@ def compute_ratios(ceiling: dict[str, Any], servers: dict[str, dict[str, Any]]) 
     }
     return {
         "ceiling_best_sequences_per_s": best,
-        "ceiling_best_config": {k: ceiling["best"][k] for k in ("batch_size", "order", "tokenize")},
+        "ceiling_best_config": {
+            k: ceiling["best"][k] for k in ("workers", "threads", "batch_size", "order", "tokenize")
+        },
         "ceiling_batch1_p50_ms": batch1_ms,
         "target_concurrency": target_c,
         "best_inputs_per_s": best_of,
@@ -445,12 +447,14 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"== variant {variant}: ceiling failed: {block.get('error')}")
             continue
         b, b1, bp = ceiling["best"], ceiling["batch1"], ceiling["best_pretokenized"]
-        lines.append(f"== variant {variant} ({ceiling['model_file']}, {ceiling['threads']} intra-op threads)")
+        layouts = ", ".join(ceiling["layouts"])
+        lines.append(f"== variant {variant} ({ceiling['model_file']}, sessions x threads {layouts})")
         lines.append(
-            f"ceiling best {b['sequences_per_s']:.1f} seq/s (batch {b['batch_size']}, {b['order']}, tokenizer "
+            f"ceiling best {b['sequences_per_s']:.1f} seq/s ({b['workers']}x{b['threads']}, batch {b['batch_size']}, "
+            f"{b['order']}, tokenizer "
             f"included; {_fmt(_pct(b['fraction_of_peak']))}% of fp32 peak useful, "
             f"{_fmt(_pct(b['executed_fraction_of_peak']))}% executed); batch-1 {b1['sequences_per_s']:.1f} seq/s, "
-            f"p50 {b1['batch_latency_ms']['p50']:.2f} ms"
+            f"p50 {b1['batch_latency_ms']['p50']:.2f} ms ({b1['workers']}x{b1['threads']})"
             + (f"; pre-tokenized best {bp['sequences_per_s']:.1f} seq/s" if bp else "")
         )
         header = (
@@ -543,7 +547,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ceiling["best"]["sequences_per_s"],
             color="black",
             ls="--",
-            label=f"ceiling best (batch {ceiling['best']['batch_size']}, {ceiling['best']['order']})",
+            label=f"ceiling best ({ceiling['best']['workers']}x{ceiling['best']['threads']}, "
+            f"batch {ceiling['best']['batch_size']}, {ceiling['best']['order']})",
         )
         ax_t.axhline(ceiling["batch1"]["sequences_per_s"], color="gray", ls=":", label="ceiling batch 1")
         for name, spec in block["servers"].items():

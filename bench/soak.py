@@ -56,8 +56,6 @@ FALLBACK_TEXTS = [
 # -- server process ------------------------------------------------------------------------------------------
 
 
-
-
 def rss_bytes(pid: int) -> int | None:
     """Resident set size from /proc (no psutil needed); None when the process is gone or unreadable."""
     try:
