@@ -550,7 +550,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             label=f"ceiling best ({ceiling['best']['workers']}x{ceiling['best']['threads']}, "
             f"batch {ceiling['best']['batch_size']}, {ceiling['best']['order']})",
         )
-        ax_t.axhline(ceiling["batch1"]["sequences_per_s"], color="gray", ls=":", label="ceiling batch 1")
+        b1 = ceiling["batch1"]
+        ax_t.axhline(
+            b1["sequences_per_s"], color="gray", ls=":", label=f"ceiling batch 1 ({b1['workers']}x{b1['threads']})"
+        )
         for name, spec in block["servers"].items():
             singles = sorted(
                 (r for r in spec.get("runs", []) if r["inputs_per_request"] == 1), key=lambda r: r["concurrency"]
