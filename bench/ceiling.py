@@ -59,8 +59,9 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def service_threads() -> int:
-    """Intra-op threads as the service chooses them: BERTSERVE_INTRA_OP_THREADS, else every usable core."""
+def naive_threads() -> int:
+    """The naive server's one session: BERTSERVE_INTRA_OP_THREADS threads if set, else every usable core (the
+    usual single-session setup; the service itself splits the cores between its workers)."""
     value = int(os.environ.get("BERTSERVE_INTRA_OP_THREADS", "0") or 0)
     return value or len(os.sched_getaffinity(0))
 

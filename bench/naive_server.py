@@ -6,8 +6,9 @@ it in its thread pool, so several requests may run the session at once) and Fast
 ``--endpoint async`` instead runs the model on the event loop (one request at a time), the other common form.
 
 It speaks the bertserve request/response shape of ``POST /v1/predict`` and answers ``/healthz`` and
-``/readyz``, so the same load generator drives both. Sessions use the same options and thread count as the
-service (see :func:`bench.ceiling.session_options`), so only the serving strategy differs.
+``/readyz``, so the same load generator drives both. Its one session uses the service's session options (see
+:func:`bench.ceiling.session_options`) on every core, as a per-request server usually is set up; the service
+instead splits the cores between single-threaded workers, which is part of its serving strategy.
 
 Run: ``python -m bench.naive_server --model-dir DIR --port 8001 [--variant fp32] [--threads N]``
 (uvicorn with its standard extras: uvloop and httptools where installed, like the service).
@@ -25,7 +26,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from bench.ceiling import cuda_active, make_session, service_threads
+from bench.ceiling import cuda_active, make_session, naive_threads
 from service.bundle import load_bundle
 
 
@@ -107,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="fp32")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads; 0 = as the service does")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads; 0 = BERTSERVE_INTRA_OP_THREADS or all cores"
+    )
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--endpoint", choices=["sync", "async"], default="sync")
     args = parser.parse_args(argv)
-    model = Model(args.model_dir, args.variant, args.threads or service_threads(), args.provider)
+    model = Model(args.model_dir, args.variant, args.threads or naive_threads(), args.provider)
     uvicorn.run(create_app(model, args.endpoint), host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
