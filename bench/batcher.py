@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.workload import load_texts, make_texts, percentile
+from bench.workload import emit_report, load_texts, make_texts, percentile
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         f"mean batch {result['mean_batch_size'] or 0:.1f}",
         file=sys.stderr,
     )
-    text = json.dumps(result, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit_report(result, args.json)
     return 0
 
 

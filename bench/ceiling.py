@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import re
@@ -44,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from bench.workload import length_summary, load_texts, make_texts, percentile
+from bench.workload import emit_report, length_summary, load_texts, make_texts, percentile
 from service.bundle import Bundle, load_bundle
 from service.config import Settings
 from service.runtime import session_options as service_session_options
@@ -500,10 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit_report(report, args.json)
     return 0
 
 

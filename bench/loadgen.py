@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from bench.workload import load_texts, make_texts, percentile
+from bench.workload import emit_report, load_texts, make_texts, percentile
 
 try:
     import orjson
@@ -471,10 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_texts": len(texts),
         **report,
     }
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit_report(report, args.json)
     lat = report["latency_ms"] or {}
     print(
         f"loadgen c={args.concurrency} x{args.inputs_per_request}: {report['requests_per_s']:.1f} req/s "

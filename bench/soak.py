@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -38,7 +37,7 @@ from typing import Any
 
 from bench.loadgen import HttpConnection, NotLoopback, Target, build_requests, parse_target
 from bench.run import free_port, http_get
-from bench.workload import load_texts, percentile
+from bench.workload import emit_report, load_texts, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 FALLBACK_TEXTS = [
@@ -305,10 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutdown is not None:
         report["shutdown"] = shutdown | {"log": str(log_path)}
     died = proc is not None and shutdown is not None and shutdown["died_during_soak"]
-    text = json.dumps(report, indent=2)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    emit_report(report, args.json)
     rss = report["rss_mib"]
     print(f"soak: {report['requests']} requests in {report['duration_s']} s, errors {report['errors']}, "
           f"ok/s first/last {report['throughput_first_last']}, RSS {rss['start']} -> {rss['end']} MiB "

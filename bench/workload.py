@@ -186,6 +186,14 @@ def save_texts(path: Path, texts: Sequence[str]) -> None:
     path.write_text(json.dumps(list(texts), ensure_ascii=False), encoding="utf-8")
 
 
+def emit_report(report: object, path: Path | None) -> None:
+    """Print a tool's JSON report on stdout (what scripts pipe) and, with ``--json PATH``, also write it there."""
+    text = json.dumps(report, indent=2)
+    if path:
+        path.write_text(text + "\n", encoding="utf-8")
+    print(text)
+
+
 def load_texts(path: Path) -> list[str]:
     """Read a JSON list of strings written by :func:`save_texts`."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
