@@ -107,6 +107,7 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.close()
+                marks["last_open"] = time.monotonic()
             except OSError:
                 marks["listener_closed"] = time.monotonic()
                 return
@@ -132,8 +133,13 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
     t_sig, t_closed = marks["sigterm"], marks.get("listener_closed", float("inf"))
     responses = [o for o in outcomes if o.status is not None]
     no_response = [o for o in outcomes if o.status is None]
+    # A refused connect (ConnectError) never reached the server. One that ends after the listener was last seen
+    # open was refused by the closed listener, whatever the client's clock said when the request began (on a
+    # loaded machine the client's own loop can start the connect hundreds of ms after `started`); one that ends
+    # before it was refused while listening.
+    refused_after_close = [o for o in no_response if o.error == "ConnectError" and o.ended >= marks["last_open"]]
     surely_accepted = [o for o in outcomes if o.started < t_sig + delay - 0.3]  # listener certainly open
-    lost = [o for o in surely_accepted if o.status != 200]
+    lost = [o for o in surely_accepted if o.status != 200 and o not in refused_after_close]
     in_flight_at_close = [o for o in responses if o.started < t_closed < o.ended]
     served_while_draining = [o for o in responses if t_sig + 0.05 < o.started and o.ended < t_closed]
     print(f"\ndrain: {len(outcomes)} requests; readiness 503 after {(marks['ready_503'] - t_sig) * 1e3:.0f} ms, "
@@ -150,7 +156,10 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
     assert served_while_draining, "nothing was served during the drain delay"
     assert not lost, f"accepted requests failed: {lost[:5]}"
     assert {o.status for o in responses} == {200}, Counter(o.status for o in responses)
-    assert all(o.started >= t_sig + delay - 0.3 for o in no_response), "a connection failed while still listening"
+    # Refused only once the listener closed; dropped unread only for requests sent near or after the close.
+    early = [o for o in no_response if o not in refused_after_close and o.started < t_sig + delay - 0.3]
+    early += [o for o in no_response if o.error == "ConnectError" and o.ended < marks["last_open"]]
+    assert not early, f"a connection failed while still listening: {early[:5]}"
     assert "Traceback" not in server.log()
 
 
