@@ -34,7 +34,8 @@ def metrics_of(report: dict[str, Any], variant: str, absolute: bool) -> dict[str
     ceiling = block.get("ceiling") or {}
     if ceiling:
         out["ceiling best seq/s"] = ceiling["best"]["sequences_per_s"]
-        out["ceiling batch-1 p50 ms"] = ceiling["batch1"]["batch_latency_ms"]["p50"]
+        if ceiling.get("batch1"):  # absent when the run's --batch-sizes left out 1
+            out["ceiling batch-1 p50 ms"] = ceiling["batch1"]["batch_latency_ms"]["p50"]
     for name, spec in (block.get("servers") or {}).items():
         for r in spec.get("runs", []):
             key = f"{name} c={r['concurrency']} x{r['inputs_per_request']}"

@@ -453,8 +453,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"ceiling best {b['sequences_per_s']:.1f} seq/s ({b['workers']}x{b['threads']}, batch {b['batch_size']}, "
             f"{b['order']}, tokenizer "
             f"included; {_fmt(_pct(b['fraction_of_peak']))}% of fp32 peak useful, "
-            f"{_fmt(_pct(b['executed_fraction_of_peak']))}% executed); batch-1 {b1['sequences_per_s']:.1f} seq/s, "
-            f"p50 {b1['batch_latency_ms']['p50']:.2f} ms ({b1['workers']}x{b1['threads']})"
+            f"{_fmt(_pct(b['executed_fraction_of_peak']))}% executed)"
+            + (
+                f"; batch-1 {b1['sequences_per_s']:.1f} seq/s, p50 {b1['batch_latency_ms']['p50']:.2f} ms "
+                f"({b1['workers']}x{b1['threads']})"
+                if b1
+                else "; no batch-1 run"
+            )
             + (f"; pre-tokenized best {bp['sequences_per_s']:.1f} seq/s" if bp else "")
         )
         header = (
@@ -551,9 +556,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             f"batch {ceiling['best']['batch_size']}, {ceiling['best']['order']})",
         )
         b1 = ceiling["batch1"]
-        ax_t.axhline(
-            b1["sequences_per_s"], color="gray", ls=":", label=f"ceiling batch 1 ({b1['workers']}x{b1['threads']})"
-        )
+        if b1 is not None:  # None when --batch-sizes leaves out 1
+            ax_t.axhline(
+                b1["sequences_per_s"], color="gray", ls=":", label=f"ceiling batch 1 ({b1['workers']}x{b1['threads']})"
+            )
         for name, spec in block["servers"].items():
             singles = sorted(
                 (r for r in spec.get("runs", []) if r["inputs_per_request"] == 1), key=lambda r: r["concurrency"]
