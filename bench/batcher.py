@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.workload import emit_report, load_texts, make_texts, percentile
+from bench.workload import emit_report, latency_ms, load_texts, make_texts
 from service.config import Settings
 from service.engine import Engine
 from service.metrics import Metrics
@@ -54,9 +54,7 @@ async def drive(
         "completed": len(lat),
         "requests_per_s": len(lat) / duration,
         "inputs_per_s": len(lat) * inputs_per_request / duration,
-        "latency_ms": {q: 1e3 * percentile(lat, p) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))}
-        if lat
-        else None,
+        "latency_ms": latency_ms(lat) if lat else None,
     }
 
 

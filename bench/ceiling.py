@@ -43,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from bench.workload import emit_report, length_summary, load_texts, make_texts, percentile
+from bench.workload import emit_report, latency_ms, length_summary, load_texts, make_texts
 from service.bundle import Bundle, load_bundle
 from service.config import Settings
 from service.runtime import session_options as service_session_options
@@ -362,13 +362,7 @@ def measure(
         sequences=sequences,
         seconds=seconds,
         sequences_per_s=sequences / seconds,
-        batch_latency_ms={
-            "p50": 1e3 * percentile(lat, 50),
-            "p95": 1e3 * percentile(lat, 95),
-            "p99": 1e3 * percentile(lat, 99),
-            "mean": 1e3 * sum(lat) / len(lat),
-            "max": 1e3 * lat[-1],
-        },
+        batch_latency_ms=latency_ms(lat),
         real_tokens=real,
         padded_tokens=padded,
         padding_ratio=padded / real,

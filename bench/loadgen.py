@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from bench.workload import emit_report, load_texts, make_texts, percentile
+from bench.workload import emit_report, latency_ms, load_texts, make_texts
 
 try:
     import orjson
@@ -379,19 +379,7 @@ def summarize(
     ok = len(lat)
     completed = sum(state.outcomes.values())
     errors = {k: v for k, v in sorted(state.outcomes.items()) if k != "200"}
-    latency = (
-        {
-            "p50": 1e3 * percentile(lat, 50),
-            "p90": 1e3 * percentile(lat, 90),
-            "p95": 1e3 * percentile(lat, 95),
-            "p99": 1e3 * percentile(lat, 99),
-            "max": 1e3 * lat[-1],
-            "min": 1e3 * lat[0],
-            "mean": 1e3 * sum(lat) / ok,
-        }
-        if lat
-        else None
-    )
+    latency = latency_ms(lat) if lat else None
     return {
         "concurrency": concurrency,
         "inputs_per_request": requests[0][1],

@@ -159,6 +159,20 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+def latency_ms(sorted_seconds: Sequence[float]) -> dict[str, float]:
+    """Percentiles, min, max and mean, in ms, of an already sorted, non-empty list of latencies in seconds."""
+    lat = sorted_seconds
+    return {
+        "p50": 1e3 * percentile(lat, 50),
+        "p90": 1e3 * percentile(lat, 90),
+        "p95": 1e3 * percentile(lat, 95),
+        "p99": 1e3 * percentile(lat, 99),
+        "max": 1e3 * lat[-1],
+        "min": 1e3 * lat[0],
+        "mean": 1e3 * sum(lat) / len(lat),
+    }
+
+
 def length_summary(lengths: Sequence[int]) -> dict[str, object]:
     """min/mean/percentiles/max and a coarse histogram of token lengths, as plain JSON-able values."""
     ordered = sorted(lengths)
