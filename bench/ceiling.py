@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from bench.workload import emit_report, latency_ms, length_summary, load_texts, make_texts
-from service.bundle import Bundle, load_bundle
+from service.bundle import load_bundle
 from service.config import Settings
+from service.modelio import FEED_NAMES, Encoder, TokenSeq, pad_feeds
 from service.runtime import session_options as service_session_options
 
 CUDA = "CUDAExecutionProvider"
@@ -53,16 +53,11 @@ CPU = "CPUExecutionProvider"
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-# -- session settings: mirror service/runtime.py, so only the serving strategy differs ---------------------
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def naive_threads() -> int:
-    """The naive server's one session: BERTSERVE_INTRA_OP_THREADS threads if set, else every usable core (the
+# -- session settings: the service's own Settings, so only the serving strategy differs ---------------------
+def naive_threads(settings: Settings | None = None) -> int:
+    """The naive server's one session: the service's ``intra_op_threads`` if set, else every usable core (the
     usual single-session setup; the service itself splits the cores between its workers)."""
-    value = int(os.environ.get("BERTSERVE_INTRA_OP_THREADS", "0") or 0)
-    return value or len(os.sched_getaffinity(0))
+    return (settings or Settings()).intra_op_threads or len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -85,8 +80,9 @@ class Layout:
 
 
 def service_layouts(intra_op_threads: int | None = None) -> list[Layout]:
-    """The layouts the service runs with its BERTSERVE_* settings: solo (one session, all its threads), busy
-    (``inference_workers`` x intra-op threads). ``intra_op_threads`` overrides the per-worker threads."""
+    """The layouts the service runs with its settings (``Settings()``: BERTSERVE_* as the service reads them):
+    solo (one session, all its threads), busy (``inference_workers`` x intra-op threads).
+    ``intra_op_threads`` overrides the per-worker threads."""
     settings = Settings(intra_op_threads=intra_op_threads) if intra_op_threads else Settings()
     solo = max(settings.solo_thread_count, settings.threads)  # no solo session: a lone batch runs on a worker's
     layouts = [Layout(1, solo), Layout(settings.inference_workers, settings.threads)]
@@ -95,9 +91,9 @@ def service_layouts(intra_op_threads: int | None = None) -> list[Layout]:
 
 def session_options(threads: int, spinning: bool | None = None) -> ort.SessionOptions:
     """The service's session options (service.runtime.ModelRuntime): full graph optimization, sequential
-    execution, ``threads`` intra-op threads, no memory patterns (shapes change every batch), spinning as
-    BERTSERVE_ORT_SPINNING says (off by default)."""
-    spin = _env_flag("BERTSERVE_ORT_SPINNING") if spinning is None else spinning
+    execution, ``threads`` intra-op threads, no memory patterns (shapes change every batch), spinning as the
+    service's ``ort_spinning`` setting says (off by default)."""
+    spin = Settings().ort_spinning if spinning is None else spinning
     return service_session_options(threads, spin)
 
 
@@ -200,30 +196,17 @@ def cpu_peak() -> dict[str, Any]:
 
 
 # -- the measurement -----------------------------------------------------------------------------------
-class Encoder:
-    """The bundle's fast tokenizer configured as the service configures it (truncate, no padding)."""
-
-    def __init__(self, bundle: Bundle) -> None:
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(bundle.manifest.max_length)
-
-    def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+def input_names(session: ort.InferenceSession) -> tuple[str, ...]:
+    """The model-I/O feeds this graph takes, in :data:`service.modelio.FEED_NAMES` order."""
+    taken = {i.name for i in session.get_inputs()}
+    return tuple(name for name in FEED_NAMES if name in taken)
 
 
-def pad(sequences: Sequence[Sequence[int]], with_type_ids: bool) -> dict[str, np.ndarray]:
-    """Right-pad to the longest sequence, as the service does, into int64 model inputs."""
-    length = max(len(s) for s in sequences)
-    input_ids = np.zeros((len(sequences), length), dtype=np.int64)
-    mask = np.zeros((len(sequences), length), dtype=np.int64)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-    feeds = {"input_ids": input_ids, "attention_mask": mask}
-    if with_type_ids:
-        feeds["token_type_ids"] = np.zeros_like(input_ids)
-    return feeds
+def build_feeds(encoder: Encoder, texts: Sequence[str], names: Sequence[str] = FEED_NAMES) -> dict[str, np.ndarray]:
+    """Texts -> padded int64 feeds exactly as the service builds them: :class:`service.modelio.Encoder` (the
+    bundle's tokenizer, truncating at max_length) then :func:`service.modelio.pad_feeds` (the tokenizer's pad
+    id). The ceiling has no padding of its own, so it cannot disagree with the service about it."""
+    return pad_feeds(encoder.encode(texts), encoder.pad_id, names)
 
 
 def make_runner(session: ort.InferenceSession, io_binding: bool) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -317,10 +300,10 @@ def _drive(
 
 def measure(
     texts: Sequence[str],
-    ids: Sequence[Sequence[int]],
+    ids: Sequence[TokenSeq],
     encoder: Encoder,
     runs: Sequence[Callable[[dict[str, np.ndarray]], np.ndarray]],
-    with_type_ids: bool,
+    names: Sequence[str],
     batch_size: int,
     order: str,
     tokenize: bool,
@@ -334,15 +317,19 @@ def measure(
     worker per session in ``runs`` (``threads`` intra-op threads each, recorded in the result)."""
     lengths = [len(s) for s in ids]
     groups = batches_for(lengths, batch_size, order, seed)
-    prepared = None if tokenize else [pad([ids[i] for i in g], with_type_ids) for g in groups]
+
+    def padded(group: Sequence[int]) -> dict[str, np.ndarray]:
+        return pad_feeds([ids[i] for i in group], encoder.pad_id, names)
+
+    prepared = None if tokenize else [padded(g) for g in groups]
     for run in runs:
         for g in groups[:2]:  # warm each session's arena for these shapes; not timed
-            run(pad([ids[i] for i in g], with_type_ids))
+            run(padded(g))
 
     def runner(run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Callable[[int], None]:
         if prepared is not None:
             return lambda n: run(prepared[n])
-        return lambda n: run(pad(encoder.ids([texts[i] for i in groups[n]]), with_type_ids))
+        return lambda n: run(build_feeds(encoder, [texts[i] for i in groups[n]], names))
 
     done, latencies, seconds = _drive(groups, [runner(r) for r in runs], max_seconds)
     sequences = sum(len(g) for g in done)
@@ -390,20 +377,20 @@ def run_ceiling(
     bundle = load_bundle(model_dir)
     layouts = list(layouts or service_layouts())
     model_path = bundle.model_path(variant)
-    encoder = Encoder(bundle)
-    ids = encoder.ids(texts)
+    encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
+    ids = encoder.encode(texts)
     dims = model_dims(model_path)
     peak_info = cpu_peak()
     peak = peak_info["peak_flops"] if provider == "cpu" else None
     results: list[VariantResult] = []
     providers_in_use: list[str] = []
-    with_type_ids = False
+    names: tuple[str, ...] = FEED_NAMES
     for layout in layouts:
         sessions = [make_session(model_path, layout.threads, provider) for _ in range(layout.workers)]
         if provider == "cuda" and not all(cuda_active(s) for s in sessions):
             raise RuntimeError(f"CUDA execution provider not active (session uses {sessions[0].get_providers()})")
         providers_in_use = sessions[0].get_providers()
-        with_type_ids = "token_type_ids" in {i.name for i in sessions[0].get_inputs()}
+        names = input_names(sessions[0])
         runs = [make_runner(s, io_binding=provider == "cuda") for s in sessions]
         for tokenize in tokenize_modes:
             for batch_size in batch_sizes:
@@ -411,7 +398,7 @@ def run_ceiling(
                     if batch_size == 1 and order == "sorted" and "arrival" in orders:
                         continue  # a batch of one has no padding: sorted is the same run
                     r = measure(
-                        texts, ids, encoder, runs, with_type_ids, batch_size, order, tokenize, max_seconds,
+                        texts, ids, encoder, runs, names, batch_size, order, tokenize, max_seconds,
                         dims, peak, seed, threads=layout.threads,
                     )  # fmt: skip
                     results.append(r)

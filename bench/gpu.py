@@ -26,6 +26,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from bench import report as bench_report
 from bench import run
 from bench.ceiling import CUDA, cuda_active, make_session
 from service.bundle import VARIANT_FILES, Variant, load_bundle, write_manifest
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run.config_from_args(args)
         report, json_path, png_path = run.run_comparison(cfg)
     print(f"GPU: {device}")
-    print(run.format_report(report))
+    print(bench_report.format_report(report))
     print("\nbertserve best / raw ONNX Runtime CUDA ceiling (target >= 0.8):")
     for variant, block in report["variants"].items():
         ratio = ((block.get("ratios") or {}).get("best_vs_ceiling") or {}).get("bertserve")

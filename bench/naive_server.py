@@ -24,10 +24,10 @@ import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
-from tokenizers import Tokenizer
 
-from bench.ceiling import cuda_active, make_session, naive_threads
+from bench.ceiling import cuda_active, input_names, make_session, naive_threads
 from service.bundle import load_bundle
+from service.modelio import Encoder, TooLong, pad_feeds, softmax
 
 
 class PredictRequest(BaseModel):
@@ -45,28 +45,20 @@ class Model:
         self.session: ort.InferenceSession = make_session(bundle.model_path(variant), threads, provider)
         if provider == "cuda" and not cuda_active(self.session):
             raise SystemExit("naive_server: CUDA execution provider could not be created")
-        self.input_names = {i.name for i in self.session.get_inputs()}
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.manifest.max_length)
-        self.tokenizer.enable_padding()  # pad to the longest input of this request
+        self.input_names = input_names(self.session)
+        # the service's model I/O contract: same tokenizer set-up, same padding (to this request's longest input)
+        self.encoder = Encoder.from_file(bundle.tokenizer_path, self.manifest.max_length)
 
     def predict(self, request: PredictRequest) -> dict[str, object]:
         texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
         if not texts:
             raise HTTPException(422, "inputs must not be empty")
-        encodings = self.tokenizer.encode_batch(texts)
-        if not request.truncate and any(e.overflowing for e in encodings):
-            raise HTTPException(422, f"an input is longer than {self.manifest.max_length} tokens")
-        feeds = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        }
-        if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-        logits = self.session.run(None, feeds)[0].astype(np.float32)
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs = exp / exp.sum(axis=1, keepdims=True)
+        try:
+            sequences = self.encoder.encode(texts, truncate=request.truncate)
+        except TooLong as exc:
+            raise HTTPException(422, f"an input is longer than {self.manifest.max_length} tokens") from exc
+        feeds = pad_feeds(sequences, self.encoder.pad_id, self.input_names)
+        probs = softmax(np.asarray(self.session.run(None, feeds)[0], dtype=np.float32))
         labels = self.manifest.labels
         k = len(labels) if request.top_k is None else max(1, min(request.top_k, len(labels)))
         predictions = []
@@ -109,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(
-        "--threads", type=int, default=0, help="intra-op threads; 0 = BERTSERVE_INTRA_OP_THREADS or all cores"
+        "--threads", type=int, default=0, help="intra-op threads; 0 = the service's intra_op_threads or all cores"
     )
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--endpoint", choices=["sync", "async"], default="sync")

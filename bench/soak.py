@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import HttpConnection, NotLoopback, Target, build_requests, parse_target
-from bench.run import free_port, http_get
+from bench.procs import Server, ServerError, cpu_seconds, free_port, http_get, rss_bytes, service_argv, settings_env
 from bench.workload import emit_report, load_texts, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,48 +51,17 @@ FALLBACK_TEXTS = [
 
 
 # -- server process ------------------------------------------------------------------------------------------
-
-
-def rss_bytes(pid: int) -> int | None:
-    """Resident set size from /proc (no psutil needed); None when the process is gone or unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def start_server(model_dir: Path, settings: dict[str, str], log_path: Path,
-                 ready_timeout: float) -> tuple[subprocess.Popen[bytes], int]:  # fmt: skip
+def start_server(model_dir: Path, settings: dict[str, str], log_path: Path, ready_timeout: float) -> Server:
+    """``python -m service`` on a free loopback port with exactly ``settings`` (inherited BERTSERVE_* dropped)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
-    env.update({f"BERTSERVE_{k.upper()}": v for k, v in settings.items()})
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        if http_get(f"http://127.0.0.1:{port}/readyz", 1.0)[0] == 200:
-            return proc, port
-        time.sleep(0.2)
-    proc.kill()
-    proc.wait(10)
-    raise RuntimeError(f"server not ready after {ready_timeout} s:\n{log_path.read_text(errors='replace')}")
+    server = Server("bertserve", service_argv(model_dir, port), port, log_path, settings_env(settings), True)
+    server.start()
+    try:
+        server.wait_ready(ready_timeout)
+    except ServerError as exc:
+        server.stop(grace=10)
+        raise RuntimeError(str(exc)) from exc
+    return server
 
 
 def metric_value(exposition: bytes, name: str) -> float | None:
@@ -281,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         settings[key.strip().lower().removeprefix("bertserve_")] = value
     texts = _texts(args)
 
-    proc: subprocess.Popen[bytes] | None = None
+    server: Server | None = None
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bertserve-soak-{os.getpid()}.log"
     try:
         if args.model_dir is not None:
-            proc, port = start_server(args.model_dir, settings, log_path, args.ready_timeout)
-            url, pid = f"http://127.0.0.1:{port}", proc.pid
+            server = start_server(args.model_dir, settings, log_path, args.ready_timeout)
+            url, pid = server.base_url, server.pid
         else:
             url, pid = args.url, args.pid
         target = parse_target(url)
@@ -298,12 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run_soak(target, requests, pid=pid, duration=args.duration, interval_s=args.interval,
                                       concurrency=args.concurrency, timeout=args.timeout))  # fmt: skip
     finally:
-        shutdown = _stop(proc) if proc is not None else None
+        shutdown = _stop(server) if server is not None else None
     report = {"url": f"http://{target.host}:{target.port}{target.path}", "server_pid": pid,
               "n_texts": len(texts), "settings": settings, **report}  # fmt: skip
     if shutdown is not None:
         report["shutdown"] = shutdown | {"log": str(log_path)}
-    died = proc is not None and shutdown is not None and shutdown["died_during_soak"]
+    died = server is not None and shutdown is not None and shutdown["died_during_soak"]
     emit_report(report, args.json)
     rss = report["rss_mib"]
     print(f"soak: {report['requests']} requests in {report['duration_s']} s, errors {report['errors']}, "
@@ -324,16 +291,11 @@ def _texts(args: argparse.Namespace) -> list[str]:
         return list(FALLBACK_TEXTS)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    died = proc.poll() is not None
+def _stop(server: Server) -> dict[str, Any]:
+    """SIGTERM the server (its process group), wait for its drain; exit status and drain time for the report."""
+    died = not server.alive()
     started = time.monotonic()
-    if not died:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        rc = proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait(10)
+    rc = server.stop(grace=60)
     return {"died_during_soak": died, "exit_status": rc, "drain_s": round(time.monotonic() - started, 2)}
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
 
 from bench import loadgen  # noqa: E402
-from bench.run import Server, free_port  # noqa: E402
+from bench.procs import Server, free_port  # noqa: E402
 
 
 @pytest.mark.parametrize(
