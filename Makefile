@@ -7,7 +7,7 @@ MODEL_DIR ?= models/bbc
 PORT ?= 8000
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup run serve train test lint bench clean
+.PHONY: setup run serve train test test-fast typecheck lint format lock bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,14 +30,33 @@ $(MODEL_DIR)/manifest.json: | setup
 train: setup
 	$(BIN)/python -m training fit --data bbc --optimize --quantize int8 --output $(MODEL_DIR)
 
+# Everything CI runs (.ci/run): system test tools, dependency audit, lint (ruff, with bandit's S rules), types, tests.
 test: setup
 	./scripts/test-deps.sh
 	AUDIT_TIMEOUT_S=180 ./scripts/audit.sh build/audit
 	$(BIN)/ruff check .
+	$(MAKE) typecheck
 	$(BIN)/python -m pytest -q -ra
+
+# The in-process layer: every test not marked slow (no servers started as processes, no browsers).
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# mypy with pyproject.toml's [tool.mypy]: service/ strict; training/ and bench/ typed defs, Any from libraries allowed.
+typecheck: setup
+	$(BIN)/mypy
 
 lint: setup
 	$(BIN)/ruff check .
+
+# ruff format, configured in [tool.ruff.format]; `ruff format --check .` joins `make test` once the tree is formatted.
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix --select I .
+
+# Pin the service's runtime dependency closure, as installed in .venv, into requirements/service.lock.
+lock: setup
+	$(BIN)/python scripts/lock.py --write
 
 bench: setup $(MODEL_DIR)/manifest.json
 	$(BIN)/python -m bench.run --model-dir $(MODEL_DIR)

@@ -68,7 +68,7 @@ async def run(settings: Settings, texts: list[str], concurrency: int, inputs_per
         result = await drive(engine, texts, concurrency, inputs_per_request, warmup, duration)
     finally:
         await engine.close()
-    batches = metrics.batch_size.collect()[0].samples
+    batches = next(iter(metrics.batch_size.collect())).samples
     count = next(s.value for s in batches if s.name.endswith("_count"))
     total = next(s.value for s in batches if s.name.endswith("_sum"))
     result["mean_batch_size"] = total / count if count else None

@@ -259,7 +259,7 @@ def batches_for(lengths: Sequence[int], batch_size: int, order: str, seed: int) 
 
 def _drive(
     groups: Sequence[list[int]],
-    runners: Sequence[Callable[[int], None]],
+    runners: Sequence[Callable[[int], object]],
     max_seconds: float,
 ) -> tuple[list[list[int]], list[float], float]:
     """Run ``runner(n)`` for the groups in order, ``len(runners)`` at once, until done or ``max_seconds``.
@@ -274,7 +274,7 @@ def _drive(
     cursor = iter(range(len(groups)))
     start = perf()
 
-    def work(runner: Callable[[int], None]) -> None:
+    def work(runner: Callable[[int], object]) -> None:
         while True:
             with lock:
                 n = next(cursor, None) if perf() - start <= max_seconds else None
@@ -318,15 +318,15 @@ def measure(
     lengths = [len(s) for s in ids]
     groups = batches_for(lengths, batch_size, order, seed)
 
-    def padded(group: Sequence[int]) -> dict[str, np.ndarray]:
+    def feeds_of(group: Sequence[int]) -> dict[str, np.ndarray]:
         return pad_feeds([ids[i] for i in group], encoder.pad_id, names)
 
-    prepared = None if tokenize else [padded(g) for g in groups]
+    prepared = None if tokenize else [feeds_of(g) for g in groups]
     for run in runs:
         for g in groups[:2]:  # warm each session's arena for these shapes; not timed
-            run(padded(g))
+            run(feeds_of(g))
 
-    def runner(run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Callable[[int], None]:
+    def runner(run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> Callable[[int], object]:
         if prepared is not None:
             return lambda n: run(prepared[n])
         return lambda n: run(build_feeds(encoder, [texts[i] for i in groups[n]], names))

@@ -344,8 +344,8 @@ async def run_load(
 
     loop.call_later(warmup, mark, "start")
     workers = [loop.create_task(_worker(state, target, loop, timeout)) for _ in range(concurrency)]
-    all_done = asyncio.gather(*workers, return_exceptions=True)
-    budget = loop.create_task(state.budget_exhausted.wait())
+    all_done: asyncio.Future[list[Any]] = asyncio.gather(*workers, return_exceptions=True)
+    budget: asyncio.Future[Any] = loop.create_task(state.budget_exhausted.wait())
     await asyncio.wait([all_done, budget], timeout=warmup + duration, return_when=asyncio.FIRST_COMPLETED)
     mark("end")
     state.stop = True

@@ -123,7 +123,7 @@ class Server:
 
     def start(self) -> None:
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 (argv built by the benchmark, never a shell)
+            self.proc = subprocess.Popen(
                 self.argv,
                 cwd=ROOT,
                 env=child_env(self.env, clean_settings=self.clean_settings),

@@ -109,12 +109,15 @@ def compute_ratios(ceiling: dict[str, Any], servers: dict[str, dict[str, Any]]) 
         "target_concurrency": target_c,
         "best_inputs_per_s": best_of,
         "best_vs_ceiling": {k: (v / best if v else None) for k, v in best_of.items()},
-        "bertserve_best_vs_naive_best": (best_of["bertserve"] / best_of["naive"])
-        if best_of.get("bertserve") and best_of.get("naive")
-        else None,
+        "bertserve_best_vs_naive_best": _ratio(best_of.get("bertserve"), best_of.get("naive")),
         "targets": targets,
     }
 
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or zero."""
+    return a / b if a and b else None
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ async def run_soak(target: Target, requests: list[tuple[bytes, int]], *, pid: in
         cpu = cpu_seconds(pid) if pid else None
         lat = sorted(done.latencies)
         ok = done.outcomes.get("200", 0)
-        row = {
+        row: dict[str, Any] = {
             "t_s": round(now - start, 2),
             "requests_per_s": round(sum(done.outcomes.values()) / elapsed, 2),
             "ok_per_s": round(ok / elapsed, 2),
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = _texts(args)
 
     server: Server | None = None
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bertserve-soak-{os.getpid()}.log"
+    log_path = Path(tempfile.gettempdir()) / f"bertserve-soak-{os.getpid()}.log"
     try:
         if args.model_dir is not None:
             server = start_server(args.model_dir, settings, log_path, args.ready_timeout)
