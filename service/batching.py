@@ -1,13 +1,18 @@
 """The dynamic batcher: a bounded queue, one scheduler task that owns it, a few inference worker threads.
 
 Design (after text-embeddings-inference's queue and Infinity's batch handler):
-- Only the scheduler task touches the queue and only on the event loop, so there are no locks.
-- While a batch computes in the worker thread, requests keep arriving; when the worker frees, the scheduler
-  forms the next batch from a look-ahead window of the oldest queued sequences. The batch always contains
-  the oldest sequence (so nothing starves) and grows with the sequences whose lengths add the least padding,
-  bounded by max_batch_size sequences and max_batch_tokens padded tokens. On a CPU, batching only pays when
-  lengths are grouped: batches in arrival order pad to ~2.5x the real tokens and run slower than batch 1.
-- Expired and abandoned sequences are dropped when a batch is formed, so they cost no compute.
+- Only the scheduler task and the event loop touch the queue, so there are no locks.
+- A request is one :class:`Job` with one future, whatever its number of inputs; its sequences queue as
+  :class:`Item` rows and the job resolves when its last row has been computed. One future per request (not per
+  sequence) keeps the per-request cost on the event loop small and leaves nothing to gather or cancel.
+- While a batch computes in a worker thread, requests keep arriving; when a worker frees, the scheduler forms
+  the next batch from a look-ahead window of the oldest queued sequences. The batch always contains the oldest
+  sequence (so nothing starves) and grows with the sequences whose lengths add the least padding, bounded by
+  max_batch_size sequences and max_batch_tokens padded tokens. On a CPU, batching only pays when lengths are
+  grouped: batches in arrival order pad to ~2.5x the real tokens and run slower than batch 1.
+- Expired, abandoned and disconnected requests are dropped when a batch is formed, so they cost no compute. A
+  client that went away is found by its ``gone()`` probe (a flag the HTTP server keeps), not by a task per
+  request waiting for a disconnect message.
 - Under load, ``workers`` batches compute at once on single-threaded sessions (keeps every core busy); a batch
   that would run alone (no other batch computing, nothing else queued) runs "solo" on the backend's wide session
   with every core and holds every worker slot meanwhile, so a lone client gets the lowest latency and the
@@ -20,63 +25,61 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from service.metrics import Metrics
-from service.runtime import Output
+from service.config import BatchPolicy
+from service.errors import DeadlineExceeded, Disconnected, Draining, InferenceFailed, QueueFull
+from service.metrics import ModelMetrics
+from service.modelio import TokenSeq
 
 log = logging.getLogger("bertserve.batching")
 
-
-class QueueFull(Exception):
-    """The queue cannot take the request's sequences; the client should retry after ``retry_after`` s."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after} s")
-        self.retry_after = retry_after
-
-
-class Draining(Exception):
-    """The batcher no longer accepts work (shutdown or model swap in progress)."""
-
-
-class DeadlineExceeded(Exception):
-    """The request's deadline passed before its sequences were computed."""
-
-
-class InferenceFailed(Exception):
-    """The batch holding this sequence raised in the model runtime; only that batch's requests fail."""
+Post = Callable[[np.ndarray], tuple[np.ndarray, list[list[int]]]]
+"""logits [n, labels] -> (scores [n, labels], predicted label indices per row); runs in the worker thread."""
 
 
 class Backend(Protocol):
     @property
     def can_run_solo(self) -> bool: ...
 
-    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]: ...
+    def run(self, sequences: list[TokenSeq], solo: bool = False) -> np.ndarray: ...
 
 
-@dataclass(frozen=True, slots=True)
-class BatchPolicy:
-    max_batch_size: int = 8
-    max_batch_tokens: int = 384
-    max_padding_ratio: float = 1.25
-    max_wait_s: float = 0.0
-    lookahead: int = 24
-    max_queue: int = 1024
-    workers: int = 2
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request's work and, once its future resolves, its result (logits, scores, predictions, timings)."""
+
+    seqs: Sequence[TokenSeq]
+    future: asyncio.Future[Job]
+    deadline: float
+    enqueued: float
+    gone: Callable[[], bool] | None = None
+    remaining: int = 0
+    logits: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    predicted: list[list[int]] = field(default_factory=list)
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+    batches: list[tuple[int, float, float]] = field(default_factory=list)  # (size, start, end) perf_counter
+    timer: asyncio.TimerHandle | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 @dataclass(slots=True, eq=False)
 class Item:
-    ids: np.ndarray
-    future: asyncio.Future[Output]
-    deadline: float
-    enqueued: float
+    job: Job
+    row: int
+    seq: TokenSeq
 
 
 def select_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
@@ -122,12 +125,21 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 
 
 class Batcher:
-    """Owns the queue and the worker thread for one model runtime."""
+    """Owns the queue and the worker threads for one model runtime."""
 
-    def __init__(self, backend: Backend, policy: BatchPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        policy: BatchPolicy,
+        metrics: ModelMetrics,
+        post: Post,
+        on_batch: Callable[[np.ndarray, list[list[int]]], None] | None = None,
+    ) -> None:
         self.backend = backend
         self.policy = policy
         self.metrics = metrics
+        self.post = post
+        self.on_batch = on_batch  # called on the event loop after each batch (prediction monitoring)
         self.accepting = False
         self._queue: list[Item] = []
         self._wakeup = asyncio.Event()
@@ -139,6 +151,8 @@ class Batcher:
         self._busy = 0
         self._task: asyncio.Task[None] | None = None
         self._rate = 0.0  # EWMA of sequences/s, for Retry-After
+        # counters in Triton's statistics terms (service/frontend/v2 reports them)
+        self.stats = BatchStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,8 +173,7 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*self._running, return_exceptions=True)
         for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(Draining("server is shutting down"))
+            item.job.fail(Draining("server is shutting down"))
         self._queue.clear()
         self._executor.shutdown(wait=False)
 
@@ -172,22 +185,31 @@ class Batcher:
     def check_room(self, n: int) -> None:
         """Raise QueueFull now if ``n`` more sequences cannot be queued: refusing costs no tokenization."""
         if len(self._queue) + n > self.policy.max_queue:
-            self._queue = [item for item in self._queue if not item.future.done()]  # abandoned ones hold no slot
+            self._queue = [item for item in self._queue if not item.job.future.done()]  # abandoned: no slot
         if len(self._queue) + n > self.policy.max_queue:
+            self.metrics.rejected_queue_full.inc()
             raise QueueFull(self._retry_after())
 
-    def submit(self, sequences: list[np.ndarray], deadline: float) -> list[asyncio.Future[Output]]:
-        """Queue a request's sequences; all or none are admitted."""
+    def submit(
+        self, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None = None
+    ) -> asyncio.Future[Job]:
+        """Queue one request's sequences (all or none); the future resolves to its finished Job."""
         if not self.accepting:
-            raise Draining("server is draining")
-        self.check_room(len(sequences))
+            raise Draining("model is being replaced or the server is draining")
+        self.check_room(len(seqs))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        items = [Item(ids, loop.create_future(), deadline, now) for ids in sequences]
-        self._queue.extend(items)
+        job = Job(seqs, loop.create_future(), deadline, now, gone, remaining=len(seqs))
+        job.timer = loop.call_at(loop.time() + (deadline - now), self._expire, job)
+        self._queue.extend(Item(job, row, seq) for row, seq in enumerate(seqs))
         self._idle.clear()
         self._wakeup.set()
-        return [item.future for item in items]
+        return job.future
+
+    def _expire(self, job: Job) -> None:
+        if not job.future.done():
+            self.metrics.rejected_deadline.inc()
+            job.future.set_exception(DeadlineExceeded("request deadline passed before its inputs were computed"))
 
     def _retry_after(self) -> int:
         rate = self._rate or 1.0
@@ -203,7 +225,7 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             if self.policy.max_wait_s > 0 and len(self._queue) < self.policy.max_batch_size:
-                remaining = self._queue[0].enqueued + self.policy.max_wait_s - time.monotonic()
+                remaining = self._queue[0].job.enqueued + self.policy.max_wait_s - time.monotonic()
                 if remaining > 0 and self.accepting:
                     self._wakeup.clear()
                     try:
@@ -237,54 +259,91 @@ class Batcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._compute, [i.ids for i in batch], solo)
+            logits, scores, predicted = await loop.run_in_executor(
+                self._executor, self._compute, [i.seq for i in batch], solo
+            )
         except Exception as exc:  # one bad batch fails its own requests, never the server
             log.exception("inference batch of %d failed", len(batch))
             self.metrics.batch_failures.inc()
+            self.stats.fail(len({id(i.job) for i in batch}), time.perf_counter() - started)
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(InferenceFailed(f"inference failed: {exc}"))
+                item.job.fail(InferenceFailed(f"inference failed: {exc}"))
             return
         finally:
             self._busy -= 1
             for _ in range(held):
                 self._slots.release()
             self._check_idle()
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
+        elapsed = ended - started
         rate = len(batch) / elapsed * (1 if solo else self.policy.workers)
         self._rate = 0.8 * self._rate + 0.2 * rate if self._rate else rate
-        for item, output in zip(batch, outputs, strict=True):
-            if not item.future.done():
-                item.future.set_result(output)
+        self.stats.execution(len(batch), elapsed)
+        if self.on_batch is not None:
+            self.on_batch(scores, predicted)
+        for i, item in enumerate(batch):
+            job = item.job
+            if job.future.done():
+                continue
+            if job.logits is None:
+                if len(job.seqs) == 1:  # the common case: views, no copy
+                    job.logits, job.scores, job.predicted = logits[i : i + 1], scores[i : i + 1], [predicted[i]]
+                else:
+                    job.logits = np.empty((len(job.seqs), logits.shape[1]), np.float32)
+                    job.scores = np.empty_like(job.logits)
+                    job.predicted = [[] for _ in job.seqs]
+            if len(job.seqs) > 1:
+                assert job.scores is not None
+                job.logits[item.row] = logits[i]
+                job.scores[item.row] = scores[i]
+                job.predicted[item.row] = predicted[i]
+            job.inference_s = max(job.inference_s, elapsed)
+            if not job.batches or job.batches[-1][1] != started:
+                job.batches.append((len(batch), started, ended))
+            job.remaining -= 1
+            if job.remaining == 0:
+                if job.timer is not None:
+                    job.timer.cancel()
+                job.future.set_result(job)
+                self.stats.success(len(job.seqs), time.monotonic() - job.enqueued, job.queue_s, job.inference_s)
 
     def _take_batch(self) -> list[Item]:
         """Drop dead sequences, pick the next batch from the look-ahead window, keep the rest in order."""
         now = time.monotonic()
         live: list[Item] = []
         for item in self._queue:
-            if item.future.done():  # the request was cancelled (client gone or request timed out)
+            job = item.job
+            if job.future.done():  # timed out, or failed on another row
                 continue
-            if item.deadline <= now:
-                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+            if job.gone is not None and job.gone():
+                self.metrics.rejected_disconnected.inc()
+                job.fail(Disconnected())
+                continue
+            if job.deadline <= now:
+                self._expire(job)
                 continue
             live.append(item)
         window = live[: self.policy.lookahead]
         chosen: list[Item] = []
         if window:
-            picked = select_batch([len(item.ids) for item in window], self.policy)
+            picked = select_batch([len(item.seq) for item in window], self.policy)
             chosen = [window[i] for i in sorted(picked)]
-            taken = set(chosen)  # Items hash by identity
-            live = [item for item in live if item not in taken]
+            taken = set(map(id, chosen))
+            live = [item for item in live if id(item) not in taken]
         self._queue = live
         queue_hist = self.metrics.queue_duration
         for item in chosen:
-            queue_hist.observe(now - item.enqueued)
+            waited = now - item.job.enqueued
+            item.job.queue_s = max(item.job.queue_s, waited)
+            queue_hist.observe(waited)
+        self.metrics.queue_depth.set(len(live))
         return chosen
 
-    def _compute(self, sequences: list[np.ndarray], solo: bool) -> list[Output]:
-        """Runs in the worker thread."""
+    def _compute(self, sequences: list[TokenSeq], solo: bool) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """Runs in a worker thread: the session, then the head (scores and predicted labels) for the batch."""
         started = time.perf_counter()
-        outputs = self.backend.run(sequences, solo=solo)
+        logits = self.backend.run(sequences, solo=solo)
+        scores, predicted = self.post(logits)
         m = self.metrics
         m.inference_duration.observe(time.perf_counter() - started)
         real = sum(len(s) for s in sequences)
@@ -292,4 +351,38 @@ class Batcher:
         m.batch_size.observe(len(sequences))
         m.batch_tokens.observe(padded)
         m.batch_padding.observe(padded / real)
-        return outputs
+        return logits, scores, predicted
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Counters in Triton's model statistics terms (durations in seconds; reported as ns)."""
+
+    success_count: int = 0
+    success_s: float = 0.0
+    fail_count: int = 0
+    fail_s: float = 0.0
+    queue_count: int = 0
+    queue_s: float = 0.0
+    compute_count: int = 0
+    compute_s: float = 0.0
+    inference_count: int = 0  # inputs computed
+    execution_count: int = 0  # batches run
+    last_inference_ms: int = 0
+
+    def success(self, inputs: int, total_s: float, queue_s: float, compute_s: float) -> None:
+        self.success_count += 1
+        self.success_s += total_s
+        self.queue_count += 1
+        self.queue_s += queue_s
+        self.compute_count += 1
+        self.compute_s += compute_s
+        self.inference_count += inputs
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def fail(self, requests: int, seconds: float) -> None:
+        self.fail_count += requests
+        self.fail_s += seconds * requests
+
+    def execution(self, size: int, seconds: float) -> None:
+        self.execution_count += 1

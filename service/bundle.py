@@ -9,7 +9,17 @@ A bundle directory holds::
     model.onnx           fp32 graph exported from PyTorch           (variant "fp32", always present)
     model.opt.onnx       ONNX Runtime transformer-optimized graph   (variant "opt", optional)
     model.int8.onnx      dynamically int8-quantized graph           (variant "int8", optional)
+    model.fp16.onnx      float16 graph, fp32 inputs and outputs     (variant "fp16", optional)
     tokenizer.json       the fast (Rust) tokenizer, plus its config files
+
+The task is in the manifest: ``problem_type`` (single_label: softmax + argmax; multi_label: sigmoid + a threshold
+per label), ``text_pair`` (the model reads ``[CLS] a [SEP] b [SEP]``), the calibration temperature, and the
+reference distributions of the test split that drift monitoring compares live traffic with. Every one of these
+fields is optional with the old behaviour as default, so bundles written before them load unchanged;
+:meth:`Manifest.head` turns them into the :class:`service.modelio.Head` that both sides score with.
+
+A manifest names files and packages, never absolute paths of the training machine: the service shows the
+manifest to clients. Older manifests that recorded such paths are reduced to the file name when read.
 
 Nothing in a bundle is ever unpickled or executed: the manifest is JSON, the models are ONNX protobufs and the
 tokenizer is JSON. A bundle whose files do not match their recorded checksums is refused.
@@ -20,11 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.modelio import Head
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -53,6 +66,10 @@ class Parity(BaseModel):
     n_texts: int
     batch_sizes: list[int]
     reference: str = Field(default="pytorch", description="what the variant was compared against")
+    max_score_diff: float | None = Field(
+        default=None, description="max |score difference| (softmax or sigmoid, temperature 1) vs the reference"
+    )
+    tolerance: float | None = Field(default=None, description="the max_abs_diff this variant had to stay within")
 
 
 class Variant(BaseModel):
@@ -63,6 +80,61 @@ class Variant(BaseModel):
     file: str
     metrics: dict[str, float] = Field(default_factory=dict, description="test-split metrics of this graph")
     parity: Parity | None = None
+
+
+class Calibration(BaseModel):
+    """Temperature scaling fitted on the validation split; ECE of the top score on ``split`` before and after."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(gt=0, description="scores = softmax|sigmoid(logits / temperature)")
+    ece_before: float = Field(ge=0, le=1)
+    ece_after: float = Field(ge=0, le=1)
+    bins: int = 15
+    split: str = "test"
+    method: str = Field(description="how the temperature was fitted, e.g. 'temperature (softmax NLL on val)'")
+
+
+class Reference(BaseModel):
+    """What the bundle predicted on its test split: the baseline drift monitoring compares live traffic with.
+
+    ``labels``: fraction of predictions per label (every label present, summing to 1; multi-label: the share of
+    each label among all predicted labels). ``confidence``: fraction of top (calibrated) scores per bin, the bins
+    bounded by ``confidence_edges`` over [0, 1].
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(ge=1, description="test-split inputs the distributions were measured on")
+    labels: dict[str, float]
+    confidence_edges: list[float] = Field(min_length=2)
+    confidence: list[float]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Reference:
+        if len(self.confidence) != len(self.confidence_edges) - 1:
+            raise ValueError("confidence needs one fraction per bin (len(confidence_edges) - 1)")
+        if any(b <= a for a, b in zip(self.confidence_edges, self.confidence_edges[1:], strict=False)):
+            raise ValueError("confidence_edges must increase")
+        return self
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.])(?:/|[A-Za-z]:[\\/])[^\s'\"]*")
+
+
+def strip_paths(text: str) -> str:
+    """``text`` with every absolute path reduced to its last component (``/home/me/data.csv`` -> ``data.csv``)."""
+    return _ABSOLUTE.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1] or m.group(0), text)
+
+
+def _strip_paths_in(value: Any) -> Any:
+    if isinstance(value, str):
+        return strip_paths(value)
+    if isinstance(value, dict):
+        return {k: _strip_paths_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_paths_in(v) for v in value]
+    return value
 
 
 class Manifest(BaseModel):
@@ -85,6 +157,45 @@ class Manifest(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     variants: dict[str, Variant]
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 hex digest")
+    problem_type: Literal["single_label", "multi_label"] = "single_label"
+    text_pair: bool = Field(default=False, description="the model reads a pair of texts, [CLS] a [SEP] b [SEP]")
+    thresholds: list[float] | None = Field(
+        default=None, description="multi-label: decision threshold on the calibrated score, per label in logit order"
+    )
+    calibration: Calibration | None = None
+    reference: Reference | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _no_absolute_base_model(cls, value: str) -> str:
+        return strip_paths(value)
+
+    @field_validator("dataset", "training")
+    @classmethod
+    def _no_absolute_paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _strip_paths_in(value)  # type: ignore[no-any-return]
+
+    @model_validator(mode="after")
+    def _task_fields_agree(self) -> Manifest:
+        if self.problem_type == "multi_label":
+            if self.thresholds is None:
+                raise ValueError("a multi_label manifest needs thresholds (one per label)")
+        elif self.thresholds is not None:
+            raise ValueError("thresholds are only for problem_type multi_label")
+        if self.thresholds is not None and len(self.thresholds) != len(self.labels):
+            raise ValueError(f"thresholds: {len(self.thresholds)} values for {len(self.labels)} labels")
+        if self.reference is not None and set(self.reference.labels) != set(self.labels):
+            raise ValueError("reference.labels must have one entry per label")
+        return self
+
+    def head(self) -> Head:
+        """How this model's logits become scores and predicted labels (see :class:`service.modelio.Head`)."""
+        return Head(
+            labels=tuple(self.labels),
+            problem_type=self.problem_type,
+            temperature=self.calibration.temperature if self.calibration else 1.0,
+            thresholds=tuple(self.thresholds) if self.thresholds is not None else None,
+        )
 
 
 class Bundle(BaseModel):

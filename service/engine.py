@@ -1,7 +1,18 @@
-"""A loaded model: runtime + batcher + tokenizer pool, and the one call the API makes, ``infer``.
+"""The engine: the models loaded on one device, their batchers, and load / unload / reload / drain.
 
-The API holds exactly one current Engine; a hot reload builds and warms a new Engine, swaps the reference,
-then drains and closes the old one, so a request is served start to finish by a single model version.
+One engine per device. With one API process it runs inside that process; with several it runs in its own
+process (service/ipc.py) and every API process's traffic reaches the same batchers, so batches stay global.
+The engine knows no protocol: it takes token sequences for a (model, version) and returns a finished
+:class:`~service.batching.Job` (logits, calibrated scores, predicted labels, timings).
+
+Models come from one bundle directory (``model_dir``; name and version from its manifest) or a repository
+(``model_repository``: ``DIR/NAME/VERSION/`` or ``DIR/NAME/`` bundles, served as NAME, version VERSION or the
+manifest's). Each model version has its own session(s) and batcher; they share the device's cores, each
+batcher with ``inference_workers`` threads, so compute is shared by the OS scheduler between models that are
+busy at the same time (measured in the README: a saturated model does not starve another's latency).
+
+A hot reload is a load of a new version: it is loaded and warmed beside the old one, swapped in atomically,
+then the old one drains (every admitted request is answered) and is closed.
 """
 
 from __future__ import annotations
@@ -9,88 +20,314 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from service.batching import Batcher, BatchPolicy, DeadlineExceeded, Draining
-from service.bundle import load_bundle
+import numpy as np
+
+from service.batching import Batcher, Job
+from service.bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
 from service.config import Settings
+from service.errors import Conflict, Draining, NotFound, NotReady, Unprocessable
 from service.metrics import Metrics
-from service.runtime import ModelRuntime, Output
+from service.modelio import Head
+from service.runtime import ModelRuntime
 
 log = logging.getLogger("bertserve.engine")
 
 
-class Engine:
-    def __init__(self, runtime: ModelRuntime, settings: Settings, metrics: Metrics) -> None:
-        self.runtime = runtime
-        self.metrics = metrics
-        self.policy = BatchPolicy(
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_padding_ratio=settings.max_padding_ratio,
-            max_wait_s=settings.max_wait_ms / 1000.0,
-            lookahead=settings.batch_lookahead,
-            max_queue=settings.max_queue,
-            workers=settings.inference_workers,
-        )
-        self.batcher = Batcher(runtime, self.policy, metrics)
-        self._tokenize_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="bertserve-tok")
-        self.inline_chars = settings.tokenize_inline_chars
+def head_of(bundle: Bundle) -> Head:
+    """The bundle's output head: labels, problem type, calibration temperature, thresholds."""
+    m = bundle.manifest
+    builder = getattr(m, "head", None)
+    if callable(builder):
+        head = builder()
+        assert isinstance(head, Head)
+        return head
+    return Head(tuple(m.labels))
 
-    @classmethod
-    def load(cls, settings: Settings, metrics: Metrics, model_dir: Path | None = None,
-             variant: str | None = None) -> Engine:  # fmt: skip
-        """Verify the bundle and create the session (blocking: call it from a thread)."""
-        bundle = load_bundle(model_dir or settings.model_dir, verify=True)
-        runtime = ModelRuntime(
-            bundle,
-            provider=settings.provider,
-            variant=variant or settings.variant,
-            threads=settings.threads,
-            spinning=settings.ort_spinning,
-            solo_threads=settings.solo_thread_count,
-        )
-        return cls(runtime, settings, metrics)
 
-    def warmup(self, runs: int) -> float:
-        return self.runtime.warmup(self.policy.max_batch_size, runs)
+def public_manifest(bundle: Bundle) -> dict[str, Any]:
+    """The manifest as clients may see it: no file checksums, no absolute path of any machine."""
+    data = bundle.manifest.model_dump(mode="json", exclude={"files"})
+    dataset = data.get("dataset") or {}
+    for key in ("path",):
+        dataset.pop(key, None)
+    if str(data.get("base_model", "")).startswith("/"):
+        data["base_model"] = Path(data["base_model"]).name
+    return data
 
-    def start(self) -> None:
-        self.batcher.start()
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """What an API process needs to know about a served model (it never sees a session)."""
+
+    name: str
+    version: str
+    bundle_path: str
+    variant: str
+    providers: list[str]
+    threads: int
+    solo_threads: int | None
+    policy: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass
+class LoadedModel:
+    bundle: Bundle
+    runtime: ModelRuntime
+    head: Head
+    batcher: Batcher
+    monitor: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.runtime.name
+
+    @property
+    def version(self) -> str:
+        return self.runtime.version
+
+    def descriptor(self) -> ModelDescriptor:
         r = self.runtime
-        self.metrics.set_model(r.name, r.version, r.variant, r.provider)
+        return ModelDescriptor(
+            name=self.name,
+            version=self.version,
+            bundle_path=str(self.bundle.path),
+            variant=r.variant,
+            providers=list(r.providers),
+            threads=r.threads,
+            solo_threads=r.solo_threads,
+            policy=asdict(self.batcher.policy),
+            manifest=public_manifest(self.bundle),
+        )
+
+
+def version_key(version: str) -> tuple[Any, ...]:
+    """Numeric versions compare as numbers (2 < 10), others as text."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+]", version))
+
+
+@dataclass
+class RepositoryEntry:
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNAVAILABLE
+    reason: str = ""
+
+
+@dataclass
+class Engine:
+    """Every model this device serves; the one place models are loaded, swapped and closed."""
+
+    settings: Settings
+    metrics: Metrics
+    monitor_factory: Callable[[Bundle, Head], Any] | None = None
+    models: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
+    index: dict[str, RepositoryEntry] = field(default_factory=dict)  # by name, for the repository extension
+    generation: int = 0
+    ready: bool = False
+    _prepared: dict[str, list[LoadedModel]] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # -- discovery ----------------------------------------------------------------------------------------
+    def repository_models(self) -> dict[str, list[Path]]:
+        """NAME -> bundle directories to serve (latest ``version_policy`` versions), for repository mode."""
+        root = self.settings.model_repository
+        assert root is not None
+        if not root.is_dir():
+            raise BundleError(f"{root}: model repository directory does not exist")
+        found: dict[str, list[Path]] = {}
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found[model_dir.name] = self._versions_of(model_dir)
+        return found
+
+    def _versions_of(self, model_dir: Path) -> list[Path]:
+        if (model_dir / MANIFEST_NAME).is_file():
+            return [model_dir]
+        versions = sorted(
+            (p for p in model_dir.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file()),
+            key=lambda p: version_key(p.name),
+        )
+        if not versions:
+            raise BundleError(f"{model_dir}: no bundle (NAME/manifest.json or NAME/VERSION/manifest.json)")
+        keep = self.settings.version_policy
+        return versions[-keep:] if keep else versions
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def _load_one(self, path: Path, name: str | None, variant: str | None) -> LoadedModel:
+        """Verify a bundle and create its session(s) (blocking: call it in a thread)."""
+        bundle = load_bundle(path, verify=True)
+        if name is not None:  # repository mode: the directory names the model (as in Triton)
+            version = path.name if path.parent.name == name else bundle.manifest.version
+            manifest = bundle.manifest.model_copy(update={"name": name, "version": version})
+            bundle = bundle.model_copy(update={"manifest": manifest})
+        runtime = ModelRuntime(bundle, self.settings.runtime_options(variant))
+        head = head_of(bundle)
+        monitor = self.monitor_factory(bundle, head) if self.monitor_factory else None
+
+        def post(logits: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+            scores = head.scores(logits)
+            return scores, head.predict(scores)
+
+        batcher = Batcher(
+            runtime,
+            self.settings.batch_policy(),
+            self.metrics.for_model(runtime.name, runtime.version),
+            post,
+            on_batch=monitor.observe if monitor is not None else None,
+        )
+        return LoadedModel(bundle, runtime, head, batcher, monitor)
+
+    async def _load_and_warm(self, path: Path, name: str | None, variant: str | None) -> LoadedModel:
+        model = await asyncio.to_thread(self._load_one, path, name, variant)
+        await asyncio.to_thread(self._warm, model)
+        return model
+
+    def _warm(self, model: LoadedModel) -> None:
+        model.runtime.warmup(model.batcher.policy.max_batch_size, self.settings.warmup_runs)
+
+    def prepare(self) -> None:
+        """Verify every configured bundle and create its sessions (blocking, before the server listens).
+
+        A bad bundle in ``model_dir`` mode raises, so it never serves; in repository mode a model that fails is
+        reported UNAVAILABLE (as Triton does) and only a repository where nothing loads raises.
+        """
+        if self.settings.model_repository is None:
+            model = self._load_one(self.settings.model_dir, None, None)
+            self._prepared = {model.name: [model]}
+            return
+        for name, paths in self.repository_models().items():
+            try:
+                self._prepared[name] = [self._load_one(p, name, None) for p in paths]
+                self.index[name] = RepositoryEntry(name, "", "LOADING")
+            except Exception as exc:  # one bad model does not stop the others
+                log.error("model %s failed to load: %s", name, exc)
+                self.index[name] = RepositoryEntry(name, "", "UNAVAILABLE", str(exc))
+        if not self._prepared:
+            raise BundleError(f"{self.settings.model_repository}: no model could be loaded")
+
+    async def start(self) -> None:
+        """Warm the prepared models and start serving them; the engine is ready when all are."""
+        if not self._prepared:
+            await asyncio.to_thread(self.prepare)
+        prepared, self._prepared = self._prepared, {}
+        for versions in prepared.values():
+            for model in versions:
+                await asyncio.to_thread(self._warm, model)
+        self._install(prepared)
+        self.ready = True
+
+    def _install(self, new: dict[str, list[LoadedModel]]) -> list[LoadedModel]:
+        """Swap in models by name; returns the model versions they replaced (to drain and close)."""
+        replaced: list[LoadedModel] = []
+        for name, versions in new.items():
+            for model in versions:
+                model.batcher.start()
+                r = model.runtime
+                self.metrics.set_model(r.name, r.version, r.variant, r.provider)
+            old = self.models.get(name, {})
+            self.models[name] = {m.version: m for m in versions}
+            replaced += [m for v, m in old.items() if self.models[name].get(v) is not m]
+            latest = max(self.models[name], key=version_key)
+            self.index[name] = RepositoryEntry(name, latest, "READY")
+        self.generation += 1
+        return replaced
+
+    async def _retire(self, models: Sequence[LoadedModel]) -> None:
+        for model in models:
+            r = model.runtime
+            self.metrics.set_model(r.name, r.version, r.variant, r.provider, loaded=False)
+            await model.batcher.drain()
+            await model.batcher.close()
+        if models:
+            # The cancelled scheduler task keeps a traceback whose frames point back at the batcher: the session
+            # sits in a reference cycle only a full collection frees. Collect now, off the event loop.
+            await asyncio.to_thread(gc.collect)
+
+    # -- the repository and admin operations --------------------------------------------------------------
+    async def load(self, name: str) -> list[ModelDescriptor]:
+        """(Re)load every served version of repository model ``name``; the old ones drain after the swap."""
+        if self.settings.model_repository is None:
+            raise Unprocessable("the repository extension needs BERTSERVE_MODEL_REPOSITORY (a directory of models)")
+        if self._lock.locked():
+            raise Conflict("a load, unload or reload is already in progress")
+        async with self._lock:
+            model_dir = self.settings.model_repository / name
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or not model_dir.is_dir():
+                raise NotFound(f"model {name!r} is not in the repository")
+            self.index[name] = RepositoryEntry(name, "", "LOADING")
+            try:
+                paths = self._versions_of(model_dir)
+                loaded = [await self._load_and_warm(p, name, None) for p in paths]
+            except Exception as exc:
+                previous = self.models.get(name)
+                state = "READY" if previous else "UNAVAILABLE"
+                self.index[name] = RepositoryEntry(name, max(previous, key=version_key) if previous else "", state,
+                                                   str(exc))  # fmt: skip
+                raise Unprocessable(f"model {name!r} failed to load: {exc}") from None
+            old = self._install({name: loaded})
+        await self._retire(old)
+        return [m.descriptor() for m in loaded]
+
+    async def unload(self, name: str) -> None:
+        if name not in self.models:
+            raise NotFound(f"model {name!r} is not loaded")
+        if self._lock.locked():
+            raise Conflict("a load, unload or reload is already in progress")
+        async with self._lock:
+            versions = list(self.models.pop(name).values())
+            self.index[name] = RepositoryEntry(name, "", "UNAVAILABLE", "unloaded")
+            self.generation += 1
+        await self._retire(versions)
+
+    async def reload(self, model_dir: Path | None, variant: str | None) -> ModelDescriptor:
+        """Load a bundle (default: the configured one), warm it, swap it in for the served model of that name."""
+        if self._lock.locked():
+            raise Conflict("a reload is already in progress")
+        async with self._lock:
+            if not self.ready:
+                raise NotReady("server is starting; reload not applied")
+            try:
+                model = await self._load_and_warm(model_dir or self.settings.model_dir, None, variant)
+            except Exception as exc:  # whatever stops the new bundle loading or warming, the old one serves on
+                log.warning("reload refused: %s", exc)
+                raise Unprocessable(f"reload refused, still serving the old model: {exc}") from None
+            old = [m for versions in self.models.values() for m in versions.values()]
+            self.models.clear()
+            self._install({model.name: [model]})
+        log.info("reloaded: now serving %s:%s", model.name, model.version)
+        await self._retire(old)
+        return model.descriptor()
 
     async def close(self) -> None:
-        """Finish what was admitted, then release the session (its memory returns with the last reference)."""
-        await self.batcher.drain()
-        await self.batcher.close()
-        self._tokenize_pool.shutdown(wait=False)  # never block the event loop on a tokenization in progress
-        # The cancelled scheduler task keeps a traceback whose frames point back at this engine's batcher: the
-        # session, tokenizer and threads sit in a reference cycle that only a full collection frees, and a quiet
-        # server may not run one for hundreds of reloads. Collect now.
-        await asyncio.to_thread(gc.collect)
+        """Finish what was admitted, then release every session."""
+        self.ready = False
+        models = [m for versions in self.models.values() for m in versions.values()]
+        self.models.clear()
+        await self._retire(models)
 
-    async def infer(self, texts: list[str], truncate: bool, deadline: float) -> list[Output]:
-        if not self.batcher.accepting:  # swapped out by a reload (the API retries on the new engine) or closing
-            raise Draining("model is being replaced or the server is draining")
-        self.batcher.check_room(len(texts))  # a 429 before any work; submit checks again after tokenizing
-        started = time.perf_counter()
-        if sum(map(len, texts)) <= self.inline_chars:
-            # A thread hop costs ~0.4 ms under load; the Rust tokenizer takes ~0.02 ms for a short text.
-            sequences = self.runtime.tokenize(texts, truncate)
-        else:
-            loop = asyncio.get_running_loop()
-            sequences = await loop.run_in_executor(self._tokenize_pool, self.runtime.tokenize, texts, truncate)
-        self.metrics.tokenize_duration.observe(time.perf_counter() - started)
-        futures = self.batcher.submit(sequences, deadline)
-        try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout=deadline - time.monotonic())
-        except (TimeoutError, DeadlineExceeded):  # counted here, once per request
-            self.metrics.rejected.labels("deadline").inc()
-            raise DeadlineExceeded("request deadline passed before its inputs were computed") from None
-        finally:
-            for fut in futures:
-                if not fut.done():
-                    fut.cancel()
+    # -- serving ------------------------------------------------------------------------------------------
+    def descriptors(self) -> list[ModelDescriptor]:
+        return [m.descriptor() for versions in self.models.values() for m in versions.values()]
+
+    def find(self, name: str, version: str) -> LoadedModel:
+        model = self.models.get(name, {}).get(version)
+        if model is None:
+            raise Draining(f"model {name!r} version {version!r} is no longer served")
+        return model
+
+    def submit(
+        self, name: str, version: str, seqs: Sequence[Any], deadline: float, gone: Callable[[], bool] | None
+    ) -> asyncio.Future[Job]:
+        return self.find(name, version).batcher.submit(seqs, deadline, gone)
+
+    def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(m.name, m.version): asdict(m.batcher.stats) for vs in self.models.values() for m in vs.values()}
+
+    def queue_depth(self) -> int:
+        return sum(m.batcher.depth for vs in self.models.values() for m in vs.values())

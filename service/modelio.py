@@ -61,12 +61,20 @@ def pad_token_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def load_tokenizer(path: Path | str, max_length: int) -> Tokenizer:
-    """A fast tokenizer from ``tokenizer.json``, set to truncate at ``max_length`` (longest first) and not to pad."""
-    tokenizer = Tokenizer.from_file(str(path))
+def configure_tokenizer(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """Set ``tokenizer`` (in place) to truncate at ``max_length``, longest segment first, and never to pad.
+
+    longest_first trims the longer text of a pair token by token, so a long premise cannot push a short
+    hypothesis out entirely (only_first/only_second fail outright on pairs where that side is too short).
+    """
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
     return tokenizer
+
+
+def load_tokenizer(path: Path | str, max_length: int) -> Tokenizer:
+    """A fast tokenizer from ``tokenizer.json``, set to truncate at ``max_length`` (longest first) and not to pad."""
+    return configure_tokenizer(Tokenizer.from_file(str(path)), max_length)
 
 
 def _to_seq(encoding: Encoding) -> TokenSeq:
@@ -104,7 +112,9 @@ class Encoder:
         return [_to_seq(enc) for enc in encodings]
 
 
-def pad_feeds(sequences: Sequence[TokenSeq], pad_id: int = 0, names: Sequence[str] = FEED_NAMES) -> dict[str, np.ndarray]:
+def pad_feeds(
+    sequences: Sequence[TokenSeq], pad_id: int = 0, names: Sequence[str] = FEED_NAMES
+) -> dict[str, np.ndarray]:
     """Right-pad to the longest row: int64 input_ids (pad_id), attention_mask (1 = real), token_type_ids.
 
     ``names`` selects the feeds the graph takes (a graph without token_type_ids gets none).
@@ -151,9 +161,8 @@ class Head:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.problem_type == "multi_label":
-            if self.thresholds is None or len(self.thresholds) != len(self.labels):
-                raise ValueError("a multi-label head needs one threshold per label")
+        if self.problem_type == "multi_label" and (self.thresholds is None or len(self.thresholds) != len(self.labels)):
+            raise ValueError("a multi-label head needs one threshold per label")
 
     @property
     def multi_label(self) -> bool:
@@ -170,6 +179,5 @@ class Head:
         """Predicted label indices per row of ``scores``: [argmax], or those at or over their threshold."""
         if not self.multi_label:
             return [[int(i)] for i in scores.argmax(axis=-1)]
-        assert self.thresholds is not None
-        passed = scores >= np.asarray(self.thresholds, dtype=np.float32)
+        passed = scores >= np.asarray(self.thresholds, dtype=np.float32)  # __post_init__: one per label
         return [[int(i) for i in np.flatnonzero(row)] for row in passed]

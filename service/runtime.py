@@ -1,6 +1,8 @@
-"""The model backend in three stages (after Infinity): pre (tokenize), core (run a padded batch), post (softmax).
+"""The model core: an ONNX Runtime session (or two) that turns a batch of token sequences into logits.
 
-The batcher only sees token-id arrays and probability rows; it never knows which model or provider it drives.
+Provider choice is honest: ``providers`` is what ``session.get_providers()`` reports, never what was asked for
+(onnxruntime-gpu quietly falls back to CPU when CUDA libraries are missing). Tokenizing (pre) is the API side's
+job and scores (post) the head's (both in service/modelio.py); this module only pads and runs.
 """
 
 from __future__ import annotations
@@ -8,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
 from service.bundle import Bundle
+from service.config import RuntimeOptions
+from service.modelio import Encoder, TokenSeq, pad_feeds
 
 log = logging.getLogger("bertserve.runtime")
 
@@ -24,24 +26,6 @@ CPU = "CPUExecutionProvider"
 
 class ProviderError(RuntimeError):
     """The requested execution provider cannot be used (e.g. CUDA demanded on a machine without it)."""
-
-
-class TextTooLong(ValueError):
-    """An input has more tokens than the model takes and the client asked not to truncate."""
-
-    def __init__(self, index: int, max_length: int) -> None:
-        super().__init__(
-            f"input {index} has more than {max_length} tokens (the model's max_length); "
-            "send truncate=true to cut it"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """One sequence's result: raw logits and softmax probabilities, both float32 rows."""
-
-    logits: np.ndarray
-    probs: np.ndarray
 
 
 def cuda_driver_present() -> bool:
@@ -59,6 +43,10 @@ def choose_variant(requested: str, bundle: Bundle, on_cuda: bool) -> str:
     if requested != "auto":
         if requested not in available:
             raise ProviderError(f"variant {requested!r} is not in the bundle (has {sorted(available)})")
+        if requested == "fp16" and not on_cuda:
+            # ONNX Runtime's CPU provider has few fp16 kernels: it inserts casts around most ops and runs slower
+            # than fp32 with no memory benefit that matters here, so an explicit fp16 request on CPU is refused.
+            raise ProviderError("variant 'fp16' needs the CUDA provider; on CPU serve fp32, opt or int8")
         return requested
     order = ("fp16", "opt", "fp32") if on_cuda else ("fp32",)
     return next(v for v in order if v in available)
@@ -77,25 +65,17 @@ def session_options(threads: int, spinning: bool) -> ort.SessionOptions:
 
 
 class ModelRuntime:
-    """An ONNX Runtime session plus the bundle's fast tokenizer; thread-safe for one runner at a time."""
+    """An ONNX Runtime session (plus a wide solo session on CPU); one runner per session at a time."""
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        provider: str = "auto",
-        variant: str = "auto",
-        threads: int = 1,
-        spinning: bool = False,
-        solo_threads: int = 0,
-    ) -> None:
+    def __init__(self, bundle: Bundle, options: RuntimeOptions) -> None:
         self.bundle = bundle
         manifest = bundle.manifest
         self.name, self.version = manifest.name, manifest.version
         self.labels = list(manifest.labels)
         self.max_length = manifest.max_length
-        self.tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(self.max_length)
+        provider, variant = options.provider, options.variant
+        threads, solo_threads, spinning = options.threads, options.solo_threads, options.spinning
+        self.pad_id = Encoder.from_file(bundle.tokenizer_path, manifest.max_length).pad_id
 
         want_cuda = provider == "cuda" or (
             provider == "auto" and CUDA in ort.get_available_providers() and cuda_driver_present()
@@ -128,7 +108,8 @@ class ModelRuntime:
             )
         self.threads = threads
         self.solo_threads = solo_threads if self.solo_session is not None else None
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        self.feed_names = tuple(n for n in ("input_ids", "attention_mask", "token_type_ids") if n in graph_inputs)
         self.output_name = self.session.get_outputs()[0].name
         log.info(
             "loaded %s:%s variant=%s file=%s providers=%s threads=%d solo_threads=%s",
@@ -144,34 +125,10 @@ class ModelRuntime:
     def can_run_solo(self) -> bool:
         return self.solo_session is not None
 
-    # -- pre -------------------------------------------------------------------------------------------
-    def tokenize(self, texts: list[str], truncate: bool) -> list[np.ndarray]:
-        """Token ids per text ([CLS] ... [SEP], at most max_length); raises TextTooLong when not truncating."""
-        encodings = self.tokenizer.encode_batch(texts)
-        out: list[np.ndarray] = []
-        for i, enc in enumerate(encodings):
-            if enc.overflowing and not truncate:
-                raise TextTooLong(i, self.max_length)
-            out.append(np.asarray(enc.ids, dtype=np.int64))
-        return out
-
-    # -- core + post -----------------------------------------------------------------------------------
-    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]:
-        """Pad to the longest sequence, run the session (the wide one if ``solo``), return logits and softmax."""
-        length = max(len(s) for s in sequences)
-        input_ids = np.zeros((len(sequences), length), dtype=np.int64)
-        attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
-        for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if "token_type_ids" in self.input_names:
-            feeds["token_type_ids"] = np.zeros_like(input_ids)
-        logits = self._run(feeds, solo).astype(np.float32, copy=False)
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        probs = exp / exp.sum(axis=1, keepdims=True)
-        return [Output(logits[i], probs[i]) for i in range(len(sequences))]
+    def run(self, sequences: list[TokenSeq], solo: bool = False) -> np.ndarray:
+        """Pad to the longest sequence and run the session (the wide one if ``solo``): float32 logits [n, labels]."""
+        feeds = pad_feeds(sequences, self.pad_id, self.feed_names)
+        return np.asarray(self._run(feeds, solo), dtype=np.float32)
 
     def _run(self, feeds: dict[str, np.ndarray], solo: bool) -> np.ndarray:
         if not self.on_cuda:
@@ -188,13 +145,11 @@ class ModelRuntime:
     def warmup(self, max_batch_size: int, runs: int) -> float:
         """Run representative shapes so the first real requests do not pay for kernel and arena set-up."""
         start = time.perf_counter()
-        cls_sep = self.tokenize(["warm up"], truncate=True)[0]
         shapes = {(1, 16), (4, 32), (min(max_batch_size, 32), 64), (1, self.max_length), (max_batch_size, 16)}
         for batch, length in sorted(shapes):
-            ids = np.full(length, cls_sep[1], dtype=np.int64)
-            ids[0], ids[-1] = cls_sep[0], cls_sep[-1]
+            seq = TokenSeq(np.full(length, 1000, dtype=np.int64), length)
             for _ in range(runs):
-                self.run([ids] * batch)
+                self.run([seq] * batch)
                 if self.solo_session is not None:
-                    self.run([ids] * batch, solo=True)
+                    self.run([seq] * batch, solo=True)
         return time.perf_counter() - start

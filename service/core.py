@@ -1,0 +1,318 @@
+"""The neutral data plane: what every protocol calls, and nothing protocol-specific.
+
+A protocol module decodes its request, asks :meth:`DataPlane.model` for the model it names and calls
+:meth:`DataPlane.infer`; it then encodes the :class:`InferResult` its own way (after KServe's data plane: the
+v1 and v2 routes depend on it and never on each other). Here: input limits, tokenizing in this (API) process,
+the request deadline, submission to the engine (in-process, or in the engine process over IPC: the
+:class:`EngineClient` hides which), retrying on the model now current when a hot reload swapped the one chosen,
+and one :class:`Timing` record per request that feeds metrics, response headers and traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from service.config import Limits, Settings
+from service.engine import Engine, ModelDescriptor, RepositoryEntry, head_of, version_key
+from service.errors import Draining, NotFound, NotReady, PayloadTooLarge, TextTooLong, Unprocessable
+from service.metrics import Metrics
+from service.modelio import Encoder, Head, TokenSeq, TooLong
+
+
+class EngineResult(Protocol):
+    """A finished request as the engine returns it (a batching.Job in-process, a plain record over IPC)."""
+
+    logits: np.ndarray | None
+    scores: np.ndarray | None
+    predicted: list[list[int]]
+    queue_s: float
+    inference_s: float
+    batches: list[tuple[int, float, float]]
+
+
+class EngineClient(Protocol):
+    """The engine as an API process sees it: in-process (:class:`LocalEngine`) or over IPC (service/ipc.py)."""
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def descriptors(self) -> list[ModelDescriptor]: ...
+
+    def check_room(self, name: str, version: str, n: int) -> None: ...
+
+    def submit(
+        self, name: str, version: str, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None
+    ) -> asyncio.Future[Any]: ...
+
+    async def load(self, name: str) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor: ...
+
+    async def stats(self) -> dict[tuple[str, str], dict[str, Any]]: ...
+
+    async def repository_index(self) -> list[RepositoryEntry]: ...
+
+
+class LocalEngine:
+    """The engine in this process (one API process): submitting is a method call, results are the Jobs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def generation(self) -> int:
+        return self.engine.generation
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready
+
+    def descriptors(self) -> list[ModelDescriptor]:
+        return self.engine.descriptors()
+
+    def check_room(self, name: str, version: str, n: int) -> None:
+        self.engine.find(name, version).batcher.check_room(n)
+
+    def submit(
+        self, name: str, version: str, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None
+    ) -> asyncio.Future[Any]:
+        return self.engine.submit(name, version, seqs, deadline, gone)
+
+    async def load(self, name: str) -> None:
+        await self.engine.load(name)
+
+    async def unload(self, name: str) -> None:
+        await self.engine.unload(name)
+
+    async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor:
+        from pathlib import Path
+
+        return await self.engine.reload(Path(model_dir) if model_dir else None, variant)
+
+    async def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return self.engine.stats()
+
+    async def repository_index(self) -> list[RepositoryEntry]:
+        return sorted(self.engine.index.values(), key=lambda e: e.name)
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """A served model as protocols see it: metadata, its tokenizer and head, pre-encoded label bytes."""
+
+    desc: ModelDescriptor
+    encoder: Encoder
+    head: Head
+    label_json: tuple[bytes, ...]  # orjson-encoded label strings, so responses are assembled without re-encoding
+
+    @property
+    def name(self) -> str:
+        return self.desc.name
+
+    @property
+    def version(self) -> str:
+        return self.desc.version
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.head.labels
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    @property
+    def pair(self) -> bool:
+        return bool(self.desc.manifest.get("text_pair", False))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.desc.manifest
+
+
+def view_of(desc: ModelDescriptor, previous: ModelView | None = None) -> ModelView:
+    """Build (or reuse, when the bundle did not change) the API-side view of a served model."""
+    if (
+        previous is not None
+        and previous.desc.bundle_path == desc.bundle_path
+        and previous.desc.manifest == desc.manifest
+    ):
+        return ModelView(desc, previous.encoder, previous.head, previous.label_json)
+    from service.bundle import load_bundle
+
+    bundle = load_bundle(desc.bundle_path, verify=False)  # the engine verified the checksums
+    bundle = bundle.model_copy(update={"manifest": bundle.manifest.model_copy(
+        update={"name": desc.name, "version": desc.version})})  # fmt: skip
+    encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
+    head = head_of(bundle)
+    return ModelView(desc, encoder, head, tuple(orjson.dumps(label) for label in head.labels))
+
+
+@dataclass(slots=True)
+class Timing:
+    """One request's clock: stages in seconds; ``start`` is perf_counter() at arrival."""
+
+    start: float = field(default_factory=time.perf_counter)
+    tokenize_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+    def total_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        """TEI's per-response timing headers (milliseconds) and the request id."""
+        return [
+            (b"x-request-id", request_id.encode()),
+            (b"x-total-time", b"%.3f" % (self.total_s() * 1000)),
+            (b"x-tokenize-time", b"%.3f" % (self.tokenize_s * 1000)),
+            (b"x-queue-time", b"%.3f" % (self.queue_s * 1000)),
+            (b"x-inference-time", b"%.3f" % (self.inference_s * 1000)),
+        ]
+
+
+@dataclass(slots=True)
+class InferResult:
+    model: ModelView
+    logits: np.ndarray  # [n, labels] float32
+    scores: np.ndarray  # [n, labels] calibrated probabilities (softmax or sigmoid)
+    predicted: list[list[int]]  # label indices per input: [argmax], or those over their thresholds
+    timing: Timing
+    batches: list[tuple[int, float, float]]  # (size, start, end) of the batches that served it
+
+
+class DataPlane:
+    """Models as protocols see them, and ``infer``: the one path from decoded inputs to results."""
+
+    def __init__(self, settings: Settings, engine: EngineClient, metrics: Metrics) -> None:
+        self.settings = settings
+        self.limits: Limits = settings.limits()
+        self.engine = engine
+        self.metrics = metrics
+        self.draining = False
+        self._generation = -1
+        self._views: dict[tuple[str, str], ModelView] = {}
+        self._latest: dict[str, ModelView] = {}
+        self._tokenize = metrics.tokenize_duration
+
+    # -- models -------------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and not self.draining and bool(self.views())
+
+    def views(self) -> dict[tuple[str, str], ModelView]:
+        """Every served model version, rebuilt only when the engine's model table changed."""
+        if self.engine.generation != self._generation:
+            generation = self.engine.generation
+            views = {}
+            for desc in self.engine.descriptors():
+                key = (desc.name, desc.version)
+                views[key] = view_of(desc, self._views.get(key))
+            latest: dict[str, ModelView] = {}
+            for view in sorted(views.values(), key=lambda v: version_key(v.version)):
+                latest[view.name] = view
+            self._views, self._latest, self._generation = views, latest, generation
+        return self._views
+
+    def latest(self) -> dict[str, ModelView]:
+        self.views()
+        return self._latest
+
+    def model(self, name: str | None, version: str | None = None) -> ModelView:
+        """The model a request names (its latest version when none is named); NotFound / NotReady otherwise."""
+        if not self.engine.ready or self.draining:
+            raise NotReady("server is draining" if self.draining else "model is loading or warming up")
+        latest = self.latest()
+        if not name:
+            if len(latest) == 1:
+                return next(iter(latest.values()))
+            raise Unprocessable(f"several models are served ({', '.join(sorted(latest))}); name one with 'model'")
+        if not version:
+            view = latest.get(name)
+        else:
+            view = self._views.get((name, version))
+            if view is None and name in latest:
+                served = sorted(v for n, v in self._views if n == name)
+                raise NotFound(f"model {name!r} has no version {version!r}; it serves {served}")
+        if view is None:
+            raise NotFound(f"unknown model {name!r}; this server serves {sorted(latest)}")
+        return view
+
+    # -- inference ----------------------------------------------------------------------------------------
+    def check_inputs(self, view: ModelView, texts: Sequence[str], pairs: Sequence[str] | None) -> None:
+        """Limits and shape of the inputs, before any work: 413 for too many, 422 for empty or the wrong task."""
+        if not texts:
+            raise Unprocessable("inputs is empty; send at least one text")
+        if len(texts) > self.limits.max_client_batch:
+            raise PayloadTooLarge(f"{len(texts)} inputs exceed the limit of {self.limits.max_client_batch} per request")
+        if view.pair and pairs is None:
+            raise Unprocessable(
+                f'model {view.name!r} classifies text pairs: send ["text", "text_pair"] or a list of such pairs'
+            )
+        if not view.pair and pairs is not None:
+            raise Unprocessable(
+                f"model {view.name!r} classifies single texts, not pairs: send a text or a list of texts"
+            )
+        for i, text in enumerate(texts):
+            _check_text(i, text)
+        if pairs is not None:
+            for i, text in enumerate(pairs):
+                _check_text(i, text, " (second text of the pair)")
+
+    async def infer(
+        self,
+        view: ModelView,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        *,
+        truncate: bool = True,
+        timeout_s: float | None = None,
+        gone: Callable[[], bool] | None = None,
+        timing: Timing | None = None,
+    ) -> InferResult:
+        """Tokenize, submit to the engine, wait for the result: the one inference path of every protocol."""
+        timing = timing or Timing()
+        self.check_inputs(view, texts, pairs)
+        deadline = time.monotonic() + self.limits.deadline_s(timeout_s)
+        for _ in range(3):  # a hot reload may retire the chosen version between choice and submission
+            self.engine.check_room(view.name, view.version, len(texts))  # a 429 before any tokenizing
+            started = time.perf_counter()
+            try:
+                seqs = view.encoder.encode(texts, pairs, truncate)
+            except TooLong as exc:
+                raise TextTooLong(str(exc)) from None
+            elapsed = time.perf_counter() - started
+            timing.tokenize_s += elapsed
+            self._tokenize.observe(elapsed)
+            try:
+                job = await self.engine.submit(view.name, view.version, seqs, deadline, gone)
+            except Draining:
+                if self.draining:
+                    raise
+                current = self.latest().get(view.name)
+                if current is None or current is view:
+                    raise
+                view = current
+                continue
+            timing.queue_s, timing.inference_s = job.queue_s, job.inference_s
+            return InferResult(view, job.logits, job.scores, job.predicted, timing, job.batches)
+        raise Draining(f"model {view.name!r} is being replaced; retry")
+
+
+def _check_text(i: int, text: str, what: str = "") -> None:
+    if not text.strip():
+        raise Unprocessable(f"input {i}{what} is empty or only whitespace")
+    if "\x00" in text:
+        raise Unprocessable(f"input {i}{what} contains a NUL character")
