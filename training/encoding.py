@@ -1,9 +1,10 @@
-"""Tokenization exactly as the service does it, and padding of token lists into int64 batches.
+"""Training's side of the model I/O contract: a base checkpoint's tokenizer, encoded splits, the bundle's files.
 
-Training, the parity check and ``evaluate`` all tokenize with the fast (Rust) ``tokenizers.Tokenizer`` loaded
-from ``tokenizer.json``, truncating at ``max_length`` and never padding inside the tokenizer; batches are padded
-here to their own longest row. That is what the service does with the bundle's tokenizer.json, so the model is
-trained and measured on the same token ids it will be served.
+Tokenizing, pair encoding and padding are :mod:`service.modelio`'s (:class:`~service.modelio.Encoder`,
+:func:`~service.modelio.pad_feeds`), the same code the service runs, so the model is trained, parity-checked
+and scored on exactly the feeds it will be served. What is left here is what only training needs: getting a
+fast tokenizer out of a Hugging Face checkpoint that may lack tokenizer.json, holding a split's token
+sequences for batching, and writing the tokenizer files into a bundle.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.modelio import FEED_NAMES, Encoder, TokenSeq, configure_tokenizer, pad_feeds
 from training.errors import TrainingError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -24,35 +26,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids per text (unpadded); ``type_ids`` are the BERT segment ids, all 0 for single texts."""
+    """One split's token sequences (unpadded) and the pad id; :meth:`batch` pads exactly as the service does."""
 
-    ids: list[np.ndarray]
-    type_ids: list[np.ndarray]
+    seqs: list[TokenSeq]
     pad_id: int
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.seqs)
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        return np.fromiter((len(s) for s in self.seqs), dtype=np.int64, count=len(self.seqs))
 
-    def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """Right-pad the rows at ``indices`` to their longest; int64 input_ids, attention_mask, token_type_ids."""
-        longest = max(len(self.ids[i]) for i in indices)
-        input_ids = np.full((len(indices), longest), self.pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(indices), longest), dtype=np.int64)
-        token_type_ids = np.zeros((len(indices), longest), dtype=np.int64)
-        for row, i in enumerate(indices):
-            n = len(self.ids[i])
-            input_ids[row, :n] = self.ids[i]
-            attention_mask[row, :n] = 1
-            token_type_ids[row, :n] = self.type_ids[i]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+    def batch(self, indices: Sequence[int], names: Sequence[str] = FEED_NAMES) -> dict[str, np.ndarray]:
+        """The padded feeds of the rows at ``indices``: :func:`service.modelio.pad_feeds`, nothing else."""
+        return pad_feeds([self.seqs[i] for i in indices], self.pad_id, names)
 
 
-def load_tokenizer(model_dir: Path, max_length: int) -> Tokenizer:
-    """The fast tokenizer of a local checkpoint, set to truncate at ``max_length`` and not to pad.
+def checkpoint_encoder(model_dir: Path, max_length: int) -> Encoder:
+    """The fast tokenizer of a local checkpoint as an :class:`Encoder` (truncate at ``max_length``, no padding).
 
     Checkpoints without tokenizer.json (only vocab.txt) are converted once through transformers, offline.
     """
@@ -69,26 +61,12 @@ def load_tokenizer(model_dir: Path, max_length: int) -> Tokenizer:
             raise TrainingError(
                 f"{model_dir}: no tokenizer.json and no loadable Hugging Face tokenizer ({exc})"
             ) from exc
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
-    return tokenizer
+    return Encoder(configure_tokenizer(tokenizer, max_length), max_length)
 
 
-def pad_token_id(tokenizer: Tokenizer) -> int:
-    for token in ("[PAD]", "<pad>"):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return token_id
-    return 0
-
-
-def encode(tokenizer: Tokenizer, texts: Sequence[str]) -> Encoded:
-    encodings = tokenizer.encode_batch(list(texts))
-    return Encoded(
-        ids=[np.asarray(e.ids, dtype=np.int64) for e in encodings],
-        type_ids=[np.asarray(e.type_ids, dtype=np.int64) for e in encodings],
-        pad_id=pad_token_id(tokenizer),
-    )
+def encode(encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None = None) -> Encoded:
+    """Encode ``texts`` (with ``pairs[i]`` as the second segment of text i) through the service's Encoder."""
+    return Encoded(encoder.encode(texts, pairs), encoder.pad_id)
 
 
 def length_sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[int]]:
@@ -98,13 +76,14 @@ def length_sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[in
         yield [int(i) for i in order[start : start + batch_size]]
 
 
-def save_tokenizer(tokenizer: Tokenizer, source_dir: Path, bundle_dir: Path, max_length: int) -> list[str]:
+def save_tokenizer(encoder: Encoder, source_dir: Path, bundle_dir: Path) -> list[str]:
     """Write tokenizer.json (truncation at max_length, no padding) and copy the companion config files.
 
-    The service overrides truncation/padding anyway, but a bundle whose tokenizer.json says what the model was
-    trained with is less surprising to anyone loading it with other tools. Returns the file names written.
+    The service sets truncation and padding itself (modelio.load_tokenizer), but a bundle whose tokenizer.json
+    says what the model was trained with is less surprising to anyone loading it with other tools. Returns the
+    file names written.
     """
-    tokenizer.save(str(bundle_dir / "tokenizer.json"))
+    encoder.tokenizer.save(str(bundle_dir / "tokenizer.json"))
     written = ["tokenizer.json"]
     for name in TOKENIZER_FILES[1:]:
         src = source_dir / name
@@ -116,7 +95,7 @@ def save_tokenizer(tokenizer: Tokenizer, source_dir: Path, bundle_dir: Path, max
             except (UnicodeDecodeError, json.JSONDecodeError):
                 shutil.copyfile(src, bundle_dir / name)
             else:
-                config["model_max_length"] = max_length
+                config["model_max_length"] = encoder.max_length
                 (bundle_dir / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         else:
             shutil.copyfile(src, bundle_dir / name)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from training.encoding import Encoded, length_sorted_batches
 from training.errors import TrainingError
-from training.metrics import Report, classification_report
+from training.metrics import classification_report, multilabel_report
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whatever a config file says
 
@@ -56,6 +56,7 @@ class EpochLog:
     val_macro_f1: float
     seconds: float
     examples_per_s: float
+    val_micro_f1: float | None = None  # multi-label only
 
 
 @dataclass
@@ -81,8 +82,12 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device(requested)
 
 
-def load_model(model_dir: Path, labels: list[str]) -> nn.Module:
-    """A classification head of ``len(labels)`` classes on a local BERT checkpoint, loaded offline."""
+def load_model(model_dir: Path, labels: list[str], multi_label: bool = False) -> nn.Module:
+    """A classification head of ``len(labels)`` classes on a local BERT checkpoint, loaded offline.
+
+    ``multi_label`` sets transformers' ``problem_type="multi_label_classification"``: the loss becomes
+    binary cross-entropy per label on float 0/1 targets instead of softmax cross-entropy on a class id.
+    """
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -94,6 +99,7 @@ def load_model(model_dir: Path, labels: list[str]) -> nn.Module:
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
+            problem_type="multi_label_classification" if multi_label else "single_label_classification",
             local_files_only=True,
             attn_implementation="sdpa",
         )
@@ -163,28 +169,52 @@ def predict_logits(model: nn.Module, encoded: Encoded, batch_size: int, device: 
     return out
 
 
+@dataclass(frozen=True)
+class ValScore:
+    """One validation pass: what the best epoch is chosen by (``key``, higher is better) and what is logged."""
+
+    loss: float
+    accuracy: float  # multi-label: subset accuracy at threshold 0.5
+    macro_f1: float
+    micro_f1: float | None  # multi-label only
+
+    @property
+    def key(self) -> tuple[float, float]:
+        return (self.micro_f1 if self.micro_f1 is not None else self.macro_f1, -self.loss)
+
+
 def evaluate_torch(
-    model: nn.Module, encoded: Encoded, label_ids: list[int], labels: list[str], batch_size: int, device: torch.device
-) -> tuple[Report, float]:
-    """Metrics and mean cross-entropy of the PyTorch model on one split."""
-    logits = predict_logits(model, encoded, batch_size, device)
-    target = torch.tensor(label_ids, dtype=torch.long)
-    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), target))
-    return classification_report(np.asarray(label_ids), logits.argmax(axis=1), labels), loss
+    model: nn.Module, encoded: Encoded, targets: np.ndarray, labels: list[str], batch_size: int, device: torch.device
+) -> ValScore:
+    """Metrics and mean loss (cross-entropy, or binary cross-entropy for [n, labels] targets) on one split.
+
+    Multi-label decisions here use 0.5: the per-label thresholds are chosen later, on the exported graph.
+    """
+    logits = torch.from_numpy(predict_logits(model, encoded, batch_size, device))
+    if targets.ndim == 2:
+        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets)))
+        ml = multilabel_report(targets, (logits >= 0).numpy(), labels)
+        return ValScore(loss, ml.subset_accuracy, ml.macro_f1, ml.micro_f1)
+    loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(targets)))
+    report = classification_report(targets, logits.numpy().argmax(axis=1), labels)
+    return ValScore(loss, report.accuracy, report.macro_f1, None)
 
 
 def train(
     model: nn.Module,
     train_enc: Encoded,
-    train_labels: list[int],
+    train_targets: np.ndarray,
     val_enc: Encoded,
-    val_labels: list[int],
+    val_targets: np.ndarray,
     labels: list[str],
     config: TrainConfig,
     device: torch.device,
     progress: bool = True,
 ) -> TrainResult:
-    """Fine-tune ``model`` in place; on return it holds the weights of the best validation epoch."""
+    """Fine-tune ``model`` in place; on return it holds the weights of the best validation epoch.
+
+    Targets are int64 class ids, or a float32 [n, labels] 0/1 matrix for a multi-label model.
+    """
     seed_everything(config.seed)
     model.to(device)
     freeze_bottom(model, config.freeze_layers)
@@ -193,7 +223,7 @@ def train(
     optimizer = _optimizer(model, config)
     scheduler = linear_warmup_decay(optimizer, round(total * config.warmup_ratio), total)
     generator = torch.Generator().manual_seed(config.seed)
-    targets = torch.tensor(train_labels, dtype=torch.long)
+    targets = torch.from_numpy(train_targets)
     result = TrainResult(best_epoch=0)
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
@@ -226,18 +256,20 @@ def train(
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_s=f"{rate:.1f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         train_seconds = time.perf_counter() - epoch_start
-        report, val_loss = evaluate_torch(model, val_enc, val_labels, labels, config.eval_batch_size, device)
+        val = evaluate_torch(model, val_enc, val_targets, labels, config.eval_batch_size, device)
+        val_loss = val.loss
         log = EpochLog(
             epoch=epoch,
             train_loss=loss_sum / max(1, seen),
             val_loss=val_loss,
-            val_accuracy=report.accuracy,
-            val_macro_f1=report.macro_f1,
+            val_accuracy=val.accuracy,
+            val_macro_f1=val.macro_f1,
+            val_micro_f1=val.micro_f1,
             seconds=time.perf_counter() - epoch_start,
             examples_per_s=seen / max(1e-9, train_seconds),
         )
         result.history.append(log)
-        key = (report.macro_f1, -val_loss)
+        key = val.key
         kept = best_key is None or key > best_key
         if kept:
             best_key, result.best_epoch = key, epoch
@@ -245,8 +277,9 @@ def train(
         if progress:
             print(
                 f"epoch {epoch}: train loss {log.train_loss:.4f}, val loss {val_loss:.4f}, "
-                f"val acc {report.accuracy:.4f}, val macro-F1 {report.macro_f1:.4f}, "
-                f"{log.examples_per_s:.1f} ex/s{' (best so far, kept)' if kept else ''}",
+                f"val acc {val.accuracy:.4f}, val macro-F1 {val.macro_f1:.4f}, "
+                + (f"val micro-F1 {val.micro_f1:.4f}, " if val.micro_f1 is not None else "")
+                + f"{log.examples_per_s:.1f} ex/s{' (best so far, kept)' if kept else ''}",
                 flush=True,
             )
     if best_state is not None:

@@ -82,3 +82,80 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[s
         support=[int(v) for v in actual],
         confusion=confusion,
     )
+
+
+@dataclass(frozen=True)
+class MultiLabelReport:
+    """Scores of multi-label decisions: micro- and macro-F1, subset accuracy, per label P/R/F1 and threshold.
+
+    micro-F1 pools every (example, label) decision, so frequent labels weigh more; macro-F1 averages the labels'
+    F1 (each label counts once); subset accuracy is the share of examples whose predicted set is exactly right.
+    """
+
+    labels: list[str]
+    micro_f1: float
+    macro_f1: float
+    subset_accuracy: float
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    thresholds: list[float]
+    n_examples: int
+
+    @property
+    def n(self) -> int:
+        return self.n_examples
+
+    def summary(self) -> dict[str, float]:
+        return {"micro_f1": self.micro_f1, "macro_f1": self.macro_f1, "subset_accuracy": self.subset_accuracy}
+
+    def format(self) -> str:
+        width = max(9, *(len(label) for label in self.labels))
+        lines = [
+            f"micro-F1 {self.micro_f1:.4f}   macro-F1 {self.macro_f1:.4f}   subset accuracy "
+            f"{self.subset_accuracy:.4f}   n={self.n}",
+            "",
+            f"{'label':<{width}}  {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8} {'threshold':>9}",
+        ]
+        for i, label in enumerate(self.labels):
+            lines.append(
+                f"{label:<{width}}  {self.precision[i]:>9.4f} {self.recall[i]:>7.4f} {self.f1[i]:>7.4f} "
+                f"{self.support[i]:>8d} {self.thresholds[i]:>9.4f}"
+            )
+        return "\n".join(lines)
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp, dtype=np.float64), where=denom > 0)
+
+
+def multilabel_report(
+    y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], thresholds: list[float] | None = None
+) -> MultiLabelReport:
+    """Score 0/1 decision matrices [n, labels]; a label never true nor predicted gets F1 0 and no macro vote."""
+    truth = np.asarray(y_true).astype(bool)
+    pred = np.asarray(y_pred).astype(bool)
+    if truth.shape != pred.shape or truth.ndim != 2 or truth.shape[1] != len(labels):
+        raise ValueError(f"y_true {truth.shape} and y_pred {pred.shape} must both be [n, {len(labels)}]")
+    tp = (truth & pred).sum(axis=0).astype(np.float64)
+    fp = (~truth & pred).sum(axis=0).astype(np.float64)
+    fn = (truth & ~pred).sum(axis=0).astype(np.float64)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    f1 = _f1(tp, fp, fn)
+    present = (tp + fp + fn) > 0
+    micro = float(_f1(np.array([tp.sum()]), np.array([fp.sum()]), np.array([fn.sum()]))[0])
+    return MultiLabelReport(
+        labels=list(labels),
+        micro_f1=micro,
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        subset_accuracy=float((truth == pred).all(axis=1).mean()) if len(truth) else 0.0,
+        precision=[float(v) for v in precision],
+        recall=[float(v) for v in recall],
+        f1=[float(v) for v in f1],
+        support=[int(v) for v in truth.sum(axis=0)],
+        thresholds=[float(t) for t in thresholds] if thresholds is not None else [0.5] * len(labels),
+        n_examples=len(truth),
+    )

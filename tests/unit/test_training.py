@@ -19,8 +19,9 @@ import torch
 from tokenizers import Tokenizer
 
 from service.bundle import INPUT_NAMES, OUTPUT_NAMES, BundleError, load_bundle
+from service.modelio import Encoder, pad_feeds
 from training.__main__ import main
-from training.encoding import encode, load_tokenizer
+from training.encoding import checkpoint_encoder, encode
 from training.errors import ParityError, TrainingError
 from training.export import check_parity, enforce_parity, export_onnx, parity_texts
 from training.finetune import load_model, use_eager_attention
@@ -68,12 +69,10 @@ def quick_options(data: Path, base: Path, output: Path, **overrides: object) -> 
 def served_logits(bundle_dir: Path, texts: list[str], variant: str = "fp32") -> np.ndarray:
     """Tokenize and run exactly as the service does: bundle tokenizer, truncation, no tokenizer padding."""
     bundle = load_bundle(bundle_dir)
-    tokenizer = Tokenizer.from_file(str(bundle.tokenizer_path))
-    tokenizer.enable_truncation(max_length=bundle.manifest.max_length)
-    tokenizer.no_padding()
-    enc = encode(tokenizer, texts)
+    encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
+    feeds = pad_feeds(encoder.encode(texts), encoder.pad_id, bundle.manifest.inputs)
     session = ort.InferenceSession(str(bundle.model_path(variant)), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(list(OUTPUT_NAMES), enc.batch(list(range(len(texts)))))
+    (logits,) = session.run(list(OUTPUT_NAMES), feeds)
     return logits
 
 
@@ -159,9 +158,8 @@ def test_parity_check_passes_for_the_exported_model_and_catches_a_different_one(
 ) -> None:
     torch.set_num_threads(1)
     model = use_eager_attention(load_model(tiny_base, list(TINY_LABELS)).eval())
-    tokenizer = load_tokenizer(tiny_base, 64)
     texts = parity_texts([t for t, _ in tiny_dataset(n_per_class=10)], [], 64)
-    enc = encode(tokenizer, texts)
+    enc = encode(checkpoint_encoder(tiny_base, 64), texts)
     assert len(set(enc.lengths.tolist())) > 5  # mixed lengths: batches of 8 and 32 are padded
     path = tmp_path / "model.onnx"
     export_onnx(model, enc.batch([0, 1, 2]), path)
