@@ -227,3 +227,122 @@ def test_classification_report_matches_hand_computed_values() -> None:
 def test_macro_f1_ignores_classes_absent_from_both_truth_and_predictions() -> None:
     report = classification_report(np.array([0, 1]), np.array([0, 1]), ["a", "b", "unused"])
     assert report.macro_f1 == 1.0 and report.f1[2] == 0.0
+
+
+# --- sentence pairs -------------------------------------------------------------------------------------------
+
+
+def pair_csv(rows: list[tuple[str, str, str]]) -> str:
+    return "premise,hypothesis,label\n" + "".join(f'"{a}","{b}",{lab}\n' for a, b, lab in rows)
+
+
+def test_pairs_load_from_csv_and_jsonl_and_split_together(tmp_path: Path) -> None:
+    rows = [(f"first {i} {lab}", f"second {i} {lab}", lab) for lab in ("yes", "no") for i in range(10)]
+    data = load_data(str(write_csv(tmp_path / "p.csv", pair_csv(rows))), "premise", pair_column="hypothesis")
+    assert data.pairs is not None and data.pairs[0] == "second 0 yes" and data.texts[0] == "first 0 yes"
+    jl = tmp_path / "p.jsonl"
+    jl.write_text("".join(json.dumps({"a": a, "b": b, "label": lab}) + "\n" for a, b, lab in rows), encoding="utf-8")
+    from_jsonl = load_data(str(jl), "a", pair_column="b")
+    assert from_jsonl.pairs == data.pairs
+    split = stratified_split(data, seed=1)
+    for part in (split.train, split.val, split.test):
+        assert part.pairs is not None
+        assert all(b == a.replace("first", "second") for a, b in zip(part.texts, part.pairs, strict=True))
+    # the second text is part of the split's identity
+    assert data.fingerprint() != load_data(str(write_csv(tmp_path / "s.csv", pair_csv(rows))), "premise").fingerprint()
+
+
+def test_pair_errors_name_the_second_column(tmp_path: Path) -> None:
+    rows = [(f"first {i}", f"second {i}", lab) for lab in ("yes", "no") for i in range(5)]
+    path = write_csv(tmp_path / "p.csv", pair_csv(rows))
+    with pytest.raises(DataError, match=r"column 'other' not found.*--text-pair-column"):
+        load_data(str(path), "premise", pair_column="other")
+    empty = write_csv(tmp_path / "e.csv", pair_csv(rows).replace('"second 3"', '"  "'))
+    expected = r"row 4 \(line 5\): column 'hypothesis' is empty \(the second text of the pair\)"
+    with pytest.raises(DataError, match=expected):
+        load_data(str(empty), "premise", pair_column="hypothesis")
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"a": "x", "label": "yes"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 1 \(line 1\): column 'b' missing.*--text-pair-column"):
+        load_data(str(jl), "a", pair_column="b")
+    with pytest.raises(DataError, match="no pairs, no multi-label"):
+        load_data("bbc", pair_column="b")
+
+
+# --- multi-label ----------------------------------------------------------------------------------------------
+
+
+def multi_rows(n: int = 12) -> list[tuple[str, str]]:
+    sets = ["food", "food;price", "service", "price;service", "food;service", "price"]
+    return [(f"text {i}", sets[i % len(sets)]) for i in range(n)]
+
+
+def test_multi_label_csv_and_jsonl_give_label_sets_and_a_target_matrix(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "m.csv", csv_of(multi_rows()))
+    data = load_data(str(path), multi_label=True)
+    assert data.label_names == ["food", "price", "service"]
+    assert data.label_sets is not None and data.label_sets[1] == ("food", "price")
+    assert data.targets()[1].tolist() == [1.0, 1.0, 0.0] and data.targets().dtype == np.float32
+    assert data.info["class_counts"] == {"food": 6, "price": 6, "service": 6}
+    jl = tmp_path / "m.jsonl"
+    jl.write_text(
+        "".join(json.dumps({"text": t, "label": labels.split(";")}) + "\n" for t, labels in multi_rows()),
+        encoding="utf-8",
+    )
+    assert load_data(str(jl), multi_label=True).label_sets == data.label_sets
+    piped = write_csv(tmp_path / "p.csv", csv_of([(t, lab.replace(";", "|")) for t, lab in multi_rows()]))
+    assert load_data(str(piped), multi_label=True, label_separator="|").label_sets == data.label_sets
+    counts = stratified_split(data, seed=0).counts()
+    assert all(n >= 1 for split in counts.values() for n in split.values())  # every label in every split
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "message"),
+    [
+        ("text,label\na,x;;y\n", {}, r"row 1 \(line 2\): column 'label': label 2 of 'x;;y' is empty"),
+        ("text,label\na,x;\n", {}, r"label 2 of 'x;' is empty"),
+        ("text,label\na,x\nb,y\n", {}, r"label separator ';' never occurs in column 'label'"),
+        ("text,label\na,x;y\n", {"label_separator": ""}, r"--label-separator: must not be empty"),
+    ],
+)
+def test_multi_label_csv_errors(tmp_path: Path, content: str, kwargs: dict[str, str], message: str) -> None:
+    path = write_csv(tmp_path / "m.csv", content)
+    with pytest.raises(DataError, match=message):
+        load_data(str(path), multi_label=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ('"x;y"', r"must be a JSON list of labels with --multi-label, got str"),
+        ("[]", r"is an empty list; every row needs at least one label"),
+        ('["x", ""]', r"label 2 \(''\) is empty or not a string"),
+        ('["x", null]', r"label 2 \(None\) is empty or not a string"),
+    ],
+)
+def test_multi_label_jsonl_errors(tmp_path: Path, label: str, message: str) -> None:
+    jl = tmp_path / "m.jsonl"
+    jl.write_text(f'{{"text": "a", "label": {label}}}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_data(str(jl), multi_label=True)
+
+
+def test_a_list_of_labels_without_multi_label_says_so(tmp_path: Path) -> None:
+    jl = tmp_path / "m.jsonl"
+    jl.write_text('{"text": "a", "label": ["x", "y"]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"must be a string, got list \(several labels per row need --multi-label\)"):
+        load_data(str(jl))
+
+
+def test_a_rare_multi_label_names_its_rows(tmp_path: Path) -> None:
+    rows = [*multi_rows(), ("odd one", "food;rare")]
+    path = write_csv(tmp_path / "m.csv", csv_of(rows))
+    expected = r"label 'rare' in column 'label' has only 1 example\(s\) \(row 13 \(line 14\)\)"
+    with pytest.raises(DataError, match=expected):
+        load_data(str(path), multi_label=True)
+
+
+def test_the_manifest_gets_a_file_name_not_the_training_machines_path(tmp_path: Path) -> None:
+    data = load_data(str(write_csv(tmp_path / "d.csv", csv_of(good_rows()))))
+    assert data.info["path"] == "d.csv" and data.source == "d.csv"
+    assert str(tmp_path) in data.source_of[0]  # error messages still point at the real file
