@@ -58,8 +58,9 @@ async def drive(
     }
 
 
-async def run(settings: Settings, texts: list[str], concurrency: int, inputs_per_request: int, warmup: float,
-              duration: float) -> dict[str, Any]:  # fmt: skip
+async def run(
+    settings: Settings, texts: list[str], concurrency: int, inputs_per_request: int, warmup: float, duration: float
+) -> dict[str, Any]:
     metrics = Metrics()
     engine = await asyncio.to_thread(Engine.load, settings, metrics)
     await asyncio.to_thread(engine.warmup, settings.warmup_runs)

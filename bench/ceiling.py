@@ -398,9 +398,20 @@ def run_ceiling(
                     if batch_size == 1 and order == "sorted" and "arrival" in orders:
                         continue  # a batch of one has no padding: sorted is the same run
                     r = measure(
-                        texts, ids, encoder, runs, names, batch_size, order, tokenize, max_seconds,
-                        dims, peak, seed, threads=layout.threads,
-                    )  # fmt: skip
+                        texts,
+                        ids,
+                        encoder,
+                        runs,
+                        names,
+                        batch_size,
+                        order,
+                        tokenize,
+                        max_seconds,
+                        dims,
+                        peak,
+                        seed,
+                        threads=layout.threads,
+                    )
                     results.append(r)
                     if log:
                         frac = f" {100 * r.fraction_of_peak:.1f}% of peak" if r.fraction_of_peak else ""

@@ -28,15 +28,12 @@ def row_text(r: dict[str, Any]) -> str:
     )
 
 
-
 def _single(runs: Sequence[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
     return next((r for r in runs if r["concurrency"] == concurrency and r["inputs_per_request"] == 1), None)
 
 
-
 def _p(r: dict[str, Any] | None, key: str) -> float | None:
     return (r.get("latency_ms") or {}).get(key) if r else None
-
 
 
 def compute_ratios(ceiling: dict[str, Any], servers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -114,7 +111,6 @@ def compute_ratios(ceiling: dict[str, Any], servers: dict[str, dict[str, Any]]) 
     }
 
 
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     """a / b, or None when either is missing or zero."""
     return a / b if a and b else None
@@ -122,7 +118,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
-
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -199,10 +194,8 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value
-
 
 
 def cross_variant(report: dict[str, Any], manifest_metrics: dict[str, dict[str, float]]) -> dict[str, Any] | None:
@@ -232,7 +225,6 @@ def cross_variant(report: dict[str, Any], manifest_metrics: dict[str, dict[str, 
             for v in variants
         },
     }
-
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

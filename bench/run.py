@@ -63,9 +63,15 @@ def module_argv(module: str, flags: dict[str, object]) -> list[str]:
 def run_ceiling(model_dir: Path, variant: str, texts_file: Path, cfg: Config, work: Path) -> dict[str, Any]:
     out = work / f"ceiling-{variant}.json"
     flags = {
-        "model-dir": model_dir, "variant": variant, "texts": texts_file, "json": out, "seed": cfg.seed,
-        "max-seconds": cfg.ceiling_max_seconds, "batch-sizes": ",".join(map(str, cfg.batch_sizes)),
-        "provider": cfg.provider, "threads": cfg.threads or None,
+        "model-dir": model_dir,
+        "variant": variant,
+        "texts": texts_file,
+        "json": out,
+        "seed": cfg.seed,
+        "max-seconds": cfg.ceiling_max_seconds,
+        "batch-sizes": ",".join(map(str, cfg.batch_sizes)),
+        "provider": cfg.provider,
+        "threads": cfg.threads or None,
     }
     argv = module_argv("bench.ceiling", flags)
     # BERTSERVE_* settings reach the ceiling too: it reads the thread settings the service would use.
@@ -78,8 +84,14 @@ def run_loadgen(
 ) -> dict[str, Any]:
     out = work / f"loadgen-{concurrency}-{inputs_per_request}.json"
     flags = {
-        "url": url, "concurrency": concurrency, "inputs-per-request": inputs_per_request, "texts": texts_file,
-        "duration": cfg.duration, "warmup": cfg.warmup, "timeout": cfg.request_timeout, "json": out,
+        "url": url,
+        "concurrency": concurrency,
+        "inputs-per-request": inputs_per_request,
+        "texts": texts_file,
+        "duration": cfg.duration,
+        "warmup": cfg.warmup,
+        "timeout": cfg.request_timeout,
+        "json": out,
     }
     argv = module_argv("bench.loadgen", flags)
     limit = cfg.warmup + cfg.duration + cfg.request_timeout + 60
@@ -299,8 +311,12 @@ def _make_server(target: str, variant: str, cfg: Config, work: Path) -> Server:
     log = work / f"{target}-{variant}.log"
     if target == "naive":
         flags = {
-            "model-dir": cfg.model_dir, "port": port, "variant": variant, "provider": cfg.provider,
-            "endpoint": cfg.naive_endpoint, "threads": cfg.threads or None,
+            "model-dir": cfg.model_dir,
+            "port": port,
+            "variant": variant,
+            "provider": cfg.provider,
+            "endpoint": cfg.naive_endpoint,
+            "threads": cfg.threads or None,
         }
         argv = module_argv("bench.naive_server", flags)
         return Server("naive", argv, port, log, dict(cfg.service_env))  # same thread settings

@@ -107,8 +107,9 @@ async def client(soak: Soak, loop: asyncio.AbstractEventLoop) -> None:
             soak.issued += 1
             if conn is None or conn.closed:
                 try:
-                    _, conn = await loop.create_connection(lambda: HttpConnection(loop), soak.target.host,
-                                                           soak.target.port)  # fmt: skip
+                    _, conn = await loop.create_connection(
+                        lambda: HttpConnection(loop), soak.target.host, soak.target.port
+                    )
                 except OSError as exc:
                     soak.current.outcomes[f"connect_error:{type(exc).__name__}"] += 1
                     conn = None
@@ -141,8 +142,16 @@ async def client(soak: Soak, loop: asyncio.AbstractEventLoop) -> None:
             conn.close()
 
 
-async def run_soak(target: Target, requests: list[tuple[bytes, int]], *, pid: int | None, duration: float,
-                   interval_s: float, concurrency: int, timeout: float) -> dict[str, Any]:  # fmt: skip
+async def run_soak(
+    target: Target,
+    requests: list[tuple[bytes, int]],
+    *,
+    pid: int | None,
+    duration: float,
+    interval_s: float,
+    concurrency: int,
+    timeout: float,
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     start = time.monotonic()
     soak = Soak(target, requests, timeout, start + duration)
@@ -177,19 +186,23 @@ async def run_soak(target: Target, requests: list[tuple[bytes, int]], *, pid: in
             "ok_per_s": round(ok / elapsed, 2),
             "inputs_per_s": round(done.inputs / elapsed, 2),
             "latency_ms": {"p50": round(1e3 * percentile(lat, 50), 2), "p99": round(1e3 * percentile(lat, 99), 2)}
-            if lat else None,
+            if lat
+            else None,
             "outcomes": dict(sorted(done.outcomes.items())),
             "rss_mib": round(rss / 2**20, 1) if rss else None,
             "server_cpu_cores": round((cpu - cpu_prev) / elapsed, 2) if cpu is not None and cpu_prev else None,
             "queue_depth_mean": round(sum(depths) / len(depths), 1) if depths else None,
             "queue_depth_min": min(depths) if depths else None,
-        }  # fmt: skip
+        }
         cpu_prev = cpu
         rows.append(row)
         soak.totals.update(done.outcomes)
         p99 = (row["latency_ms"] or {}).get("p99")
-        print(f"soak t={row['t_s']:7.1f}s ok/s={row['ok_per_s']:8.1f} p99={p99}ms rss={row['rss_mib']}MiB "
-              f"queue~{row['queue_depth_mean']} {row['outcomes']}", file=sys.stderr)  # fmt: skip
+        print(
+            f"soak t={row['t_s']:7.1f}s ok/s={row['ok_per_s']:8.1f} p99={p99}ms rss={row['rss_mib']}MiB "
+            f"queue~{row['queue_depth_mean']} {row['outcomes']}",
+            file=sys.stderr,
+        )
         t_prev = now
         if now >= soak.end or (pid is not None and rss is None):
             break
@@ -227,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--model-dir", type=Path, help="start `python -m service` on this bundle (loopback)")
     where.add_argument("--url", help="soak a running server, e.g. http://127.0.0.1:8000 (loopback only)")
     parser.add_argument("--pid", type=int, help="with --url: the server's pid, for RSS and CPU")
-    parser.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                        help="with --model-dir: a BERTSERVE_* setting (e.g. max_queue=64); repeatable")  # fmt: skip
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --model-dir: a BERTSERVE_* setting (e.g. max_queue=64); repeatable",
+    )
     parser.add_argument("--duration", type=float, default=600.0, help="seconds at saturation (default 600)")
     parser.add_argument("--interval", type=float, default=10.0, help="seconds per report row (default 10)")
     parser.add_argument("--concurrency", "-c", type=int, default=32, help="closed-loop clients (default 32)")
@@ -263,20 +281,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         requests = build_requests(target, texts, args.inputs_per_request, None)
-        report = asyncio.run(run_soak(target, requests, pid=pid, duration=args.duration, interval_s=args.interval,
-                                      concurrency=args.concurrency, timeout=args.timeout))  # fmt: skip
+        report = asyncio.run(
+            run_soak(
+                target,
+                requests,
+                pid=pid,
+                duration=args.duration,
+                interval_s=args.interval,
+                concurrency=args.concurrency,
+                timeout=args.timeout,
+            )
+        )
     finally:
         shutdown = _stop(server) if server is not None else None
-    report = {"url": f"http://{target.host}:{target.port}{target.path}", "server_pid": pid,
-              "n_texts": len(texts), "settings": settings, **report}  # fmt: skip
+    report = {
+        "url": f"http://{target.host}:{target.port}{target.path}",
+        "server_pid": pid,
+        "n_texts": len(texts),
+        "settings": settings,
+        **report,
+    }
     if shutdown is not None:
         report["shutdown"] = shutdown | {"log": str(log_path)}
     died = server is not None and shutdown is not None and shutdown["died_during_soak"]
     emit_report(report, args.json)
     rss = report["rss_mib"]
-    print(f"soak: {report['requests']} requests in {report['duration_s']} s, errors {report['errors']}, "
-          f"ok/s first/last {report['throughput_first_last']}, RSS {rss['start']} -> {rss['end']} MiB "
-          f"(peak {rss['peak']})", file=sys.stderr)  # fmt: skip
+    print(
+        f"soak: {report['requests']} requests in {report['duration_s']} s, errors {report['errors']}, "
+        f"ok/s first/last {report['throughput_first_last']}, RSS {rss['start']} -> {rss['end']} MiB "
+        f"(peak {rss['peak']})",
+        file=sys.stderr,
+    )
     return 1 if died or report["server_errors"] or report["transport_errors"] else 0
 
 

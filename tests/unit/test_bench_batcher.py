@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,10 +17,25 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
+@pytest.mark.slow
 def test_in_process_engine_serves_the_closed_loop(tiny_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "batcher.json"
-    done = run("--model-dir", str(tiny_bundle), "-c", "8", "--inputs-per-request", "2", "--n-texts", "50",
-               "--warmup", "0.3", "--duration", "1.5", "--json", str(out))  # fmt: skip
+    done = run(
+        "--model-dir",
+        str(tiny_bundle),
+        "-c",
+        "8",
+        "--inputs-per-request",
+        "2",
+        "--n-texts",
+        "50",
+        "--warmup",
+        "0.3",
+        "--duration",
+        "1.5",
+        "--json",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report == json.loads(done.stdout)
@@ -29,6 +46,7 @@ def test_in_process_engine_serves_the_closed_loop(tiny_bundle: Path, tmp_path: P
     assert "api_key" not in report["settings"]
 
 
+@pytest.mark.slow
 def test_bad_arguments_exit_2(tiny_bundle: Path) -> None:
     done = run("--model-dir", str(tiny_bundle), "-c", "0")
     assert done.returncode == 2 and "concurrency" in done.stderr

@@ -39,6 +39,7 @@ def test_localhost_is_connected_as_ipv4_loopback() -> None:
     assert loadgen.parse_target("http://127.0.0.1:9/v2/x").path == "/v2/x"
 
 
+@pytest.mark.slow
 def test_cli_exits_2_on_a_remote_host_without_sending_anything() -> None:
     assert loadgen.main(["--url", "http://192.0.2.1:80", "--duration", "1", "--texts", "/nonexistent"]) == 2
 
@@ -116,6 +117,7 @@ def _loadgen(server: Server, *extra: str, warmup: str = "0.2") -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_measures_a_real_server_one_input_per_request(naive_server: Server) -> None:
     report = _loadgen(naive_server, "--concurrency", "4")
     assert report["ok"] > 0 and report["errors"] == {} and report["error_count"] == 0
@@ -125,6 +127,7 @@ def test_measures_a_real_server_one_input_per_request(naive_server: Server) -> N
     assert report["client_cpu_s"] >= 0 and report["window_s"] == pytest.approx(1.0, abs=0.2)
 
 
+@pytest.mark.slow
 def test_eight_inputs_per_request_and_bounded_request_count(naive_server: Server) -> None:
     report = _loadgen(
         naive_server, "--concurrency", "2", "--inputs-per-request", "8", "--max-requests", "6", warmup="0"
@@ -134,6 +137,7 @@ def test_eight_inputs_per_request_and_bounded_request_count(naive_server: Server
     assert report["inputs_per_s"] == pytest.approx(8 * report["requests_per_s"])
 
 
+@pytest.mark.slow
 def test_counts_errors_by_status(naive_server: Server) -> None:
     report = _loadgen(naive_server, "--concurrency", "2", "--path", "/nope")
     assert report["ok"] == 0 and report["latency_ms"] is None
