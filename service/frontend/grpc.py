@@ -1,0 +1,310 @@
+"""KServe v2 gRPC (``inference.GRPCInferenceService``) over the neutral data plane, with grpcio's asyncio server.
+
+The service and message classes are the ones ``tritonclient[grpc]`` ships (``tritonclient.grpc.service_pb2``,
+``service_pb2_grpc``, ``model_config_pb2``) rather than stubs generated here: they are exactly the KServe/Triton
+protocol that Triton's clients and perf_analyzer speak (Triton's extensions included: ModelConfig,
+ModelStatistics, the repository RPCs), they are maintained with those clients, and the build keeps no codegen
+step or vendored .proto. They carry no type information, hence the narrow ``type: ignore`` on their imports.
+
+Each RPC is decode -> data plane -> encode, like the HTTP routes: ModelInfer takes BYTES ``text`` (and
+``text_pair``) in ``raw_input_contents`` or ``contents.bytes_contents`` and turns the request into the v2 HTTP
+request dict, so parsing, validation and output encoding are service/frontend/v2.py's own; the documents of
+ModelConfig / ModelStatistics / RepositoryIndex are triton.py's, parsed into their messages. The API key comes
+as ``authorization: Bearer <key>`` metadata, the call's deadline (``context.time_remaining()``) is the request
+deadline, and every ServeError becomes its gRPC status code (errors.py's table: INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED for 413/429, UNAVAILABLE while loading or draining, DEADLINE_EXCEEDED, ...).
+
+The server listens on ``grpc_port`` (0: off) with SO_REUSEPORT (so several API processes share the port, like
+the HTTP listener), starts and stops with the HTTP server through the lifecycle hooks; on SIGTERM new calls get
+UNAVAILABLE at once and ``server.stop(grace)`` lets the calls in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from fastapi import FastAPI
+from google.protobuf import json_format  # type: ignore[import-untyped]
+from tritonclient.grpc import model_config_pb2
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service.config import Settings
+from service.core import DataPlane, Timing
+from service.errors import BadRequest, DeadlineExceeded, NotFound, NotReady, ServeError
+from service.frontend import v2
+from service.frontend.http import Kit, check_token
+
+log = logging.getLogger("bertserve.grpc")
+
+Message = Any  # a protobuf message of the tritonclient stubs (untyped)
+Rpc = Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
+
+# HTTP-equivalent status per outcome, so one alert on bertserve_requests_total{status=~"5.."} covers both
+CANCELLED_STATUS = 499
+INTERNAL_STATUS = 500
+
+
+def _param_value(param: Message) -> Any:
+    """An InferParameter's value (bool, int64, double, string or uint64), or None when unset."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def _params(params: Any) -> dict[str, Any]:
+    return {key: _param_value(value) for key, value in params.items()}
+
+
+def infer_request(request: Message) -> tuple[dict[str, Any], bytes]:
+    """A ModelInferRequest as the v2 HTTP request dict and its binary section (raw inputs, in order)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs: list[dict[str, Any]] = []
+    for i, tensor in enumerate(request.inputs):
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        params = _params(tensor.parameters)
+        if raw:
+            params["binary_data_size"] = len(raw[i])
+        else:  # contents.bytes_contents; any other contents field fails the BYTES datatype check
+            entry["data"] = list(tensor.contents.bytes_contents)
+        entry["parameters"] = params
+        inputs.append(entry)
+    outputs = []
+    for out in request.outputs:
+        out_params = {k: v for k, v in _params(out.parameters).items() if k == "classification"}
+        outputs.append({"name": out.name, "parameters": out_params})
+    req: dict[str, Any] = {"id": request.id, "inputs": inputs, "parameters": _params(request.parameters)}
+    if outputs:
+        req["outputs"] = outputs
+    return req, b"".join(raw)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The RPCs; each runs through :meth:`_call` (auth, metrics, the error table)."""
+
+    def __init__(self, api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit) -> None:
+        self.api = api
+        self.settings = settings
+        self.plane = plane
+        self.metrics = kit.metrics
+        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    # -- the shared wrapper -----------------------------------------------------------------------------------
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        pair = self._children.get((endpoint, status))
+        if pair is None:
+            pair = (self.metrics.request_duration.labels(endpoint, str(status)),
+                    self.metrics.requests.labels(endpoint, str(status)))  # fmt: skip
+            self._children[(endpoint, status)] = pair
+        pair[0].observe(seconds)
+        pair[1].inc()
+
+    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.settings.api_key is None:
+            return
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+        check_token(header, self.settings)
+
+    async def _call(
+        self, name: str, rpc: Rpc, request: Message, context: grpc.aio.ServicerContext[Any, Any], protected: bool
+    ) -> Message:
+        endpoint = f"grpc:{name}"
+        started = time.perf_counter()
+        status = 200
+        self.metrics.inflight.inc()
+        try:
+            if protected or self.settings.auth_all:
+                self._authorize(context)
+            return await rpc(request, context)
+        except ServeError as exc:
+            status = exc.status
+            if exc.reason is not None:
+                self.metrics.rejected.labels(exc.reason).inc()
+            for key, value in exc.headers.items():  # Retry-After and friends, as trailing metadata
+                context.set_trailing_metadata(((key.lower(), value),))
+            await context.abort(getattr(grpc.StatusCode, exc.grpc), exc.message)
+            raise  # not reached: abort raises
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed: normal, not an error
+            status = CANCELLED_STATUS
+            log.debug("%s cancelled by the client", endpoint)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            status = INTERNAL_STATUS
+            log.exception("unhandled error on %s", endpoint)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self._observe(endpoint, status, time.perf_counter() - started)
+
+    # -- health and metadata ----------------------------------------------------------------------------------
+    async def ServerLive(self, request: Message, context: Any) -> Message:
+        async def rpc(_: Message, __: Any) -> Message:
+            return pb.ServerLiveResponse(live=True)
+
+        return await self._call("ServerLive", rpc, request, context, False)
+
+    async def ServerReady(self, request: Message, context: Any) -> Message:
+        async def rpc(_: Message, __: Any) -> Message:
+            return pb.ServerReadyResponse(ready=self.plane.ready)
+
+        return await self._call("ServerReady", rpc, request, context, False)
+
+    async def ModelReady(self, request: Message, context: Any) -> Message:
+        async def rpc(req: Message, _: Any) -> Message:
+            try:
+                self.plane.model(req.name, req.version or None)
+            except (NotFound, NotReady):
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=True)
+
+        return await self._call("ModelReady", rpc, request, context, False)
+
+    async def ServerMetadata(self, request: Message, context: Any) -> Message:
+        from service.frontend.app import extensions
+
+        async def rpc(_: Message, __: Any) -> Message:
+            return pb.ServerMetadataResponse(name="bertserve", version=self.api.version,
+                                             extensions=extensions(self.api))  # fmt: skip
+
+        return await self._call("ServerMetadata", rpc, request, context, False)
+
+    async def ModelMetadata(self, request: Message, context: Any) -> Message:
+        async def rpc(req: Message, _: Any) -> Message:
+            doc = v2.model_metadata(self.plane.model(req.name, req.version or None))
+            tensors = {key: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in doc[key]]
+                       for key in ("inputs", "outputs")}  # fmt: skip
+            return pb.ModelMetadataResponse(name=doc["name"], versions=doc["versions"], platform=doc["platform"],
+                                            **tensors)  # fmt: skip
+
+        return await self._call("ModelMetadata", rpc, request, context, False)
+
+    async def ModelConfig(self, request: Message, context: Any) -> Message:
+        from service.frontend.triton import model_config
+
+        async def rpc(req: Message, _: Any) -> Message:
+            view = self.plane.model(req.name, req.version or None)
+            doc = model_config(view, self.settings, self.plane.limits.max_client_batch)
+            config = json_format.ParseDict(doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+            return pb.ModelConfigResponse(config=config)
+
+        return await self._call("ModelConfig", rpc, request, context, False)
+
+    async def ModelStatistics(self, request: Message, context: Any) -> Message:
+        from service.frontend.triton import statistics
+
+        async def rpc(req: Message, _: Any) -> Message:
+            doc = await statistics(self.plane, req.name or None, req.version or None)
+            return json_format.ParseDict(doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+        return await self._call("ModelStatistics", rpc, request, context, False)
+
+    # -- the repository extension -----------------------------------------------------------------------------
+    async def RepositoryIndex(self, request: Message, context: Any) -> Message:
+        from service.frontend.triton import repository_index
+
+        async def rpc(req: Message, _: Any) -> Message:
+            rows = await repository_index(self.plane, bool(req.ready))
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+        return await self._call("RepositoryIndex", rpc, request, context, True)
+
+    async def RepositoryModelLoad(self, request: Message, context: Any) -> Message:
+        async def rpc(req: Message, _: Any) -> Message:
+            await self.plane.engine.load(req.model_name)
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call("RepositoryModelLoad", rpc, request, context, True)
+
+    async def RepositoryModelUnload(self, request: Message, context: Any) -> Message:
+        async def rpc(req: Message, _: Any) -> Message:
+            await self.plane.engine.unload(req.model_name)
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._call("RepositoryModelUnload", rpc, request, context, True)
+
+    # -- inference --------------------------------------------------------------------------------------------
+    async def ModelInfer(self, request: Message, context: Any) -> Message:
+        return await self._call("ModelInfer", self._infer, request, context, True)
+
+    async def _infer(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+        timing = Timing()
+        view = self.plane.model(request.model_name, request.model_version or None)
+        req, binary = infer_request(request)
+        texts, pairs = v2.parse_inputs(req, binary, view)
+        for out in req.get("outputs", []):
+            out["parameters"]["binary_data"] = True
+        requested = v2.requested_outputs(req)
+        truncate, timeout = v2.infer_options(req)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            if remaining <= 0:
+                raise DeadlineExceeded("the call's deadline passed before it was computed")
+            timeout = remaining if timeout is None else min(timeout, remaining)
+        result = await self.plane.infer(view, texts, pairs, truncate=truncate, timeout_s=timeout,
+                                        gone=context.cancelled, timing=timing)  # fmt: skip
+        header, chunks = v2.encode_outputs(
+            {"id": req.get("id") or None, "parameters": {"binary_data_output": True}}, result, requested
+        )
+        response = pb.ModelInferResponse(model_name=view.name, model_version=view.version, id=request.id)
+        offset = 0
+        for tensor in header["outputs"]:
+            size = tensor["parameters"]["binary_data_size"]
+            response.outputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+            response.raw_output_contents.append(chunks[offset : offset + size])
+            offset += size
+        context.set_trailing_metadata(tuple((k.decode(), v.decode()) for k, v in timing.headers("grpc")[1:]))
+        return response
+
+
+def make_server(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit) -> grpc.aio.Server:
+    """The asyncio gRPC server with the inference service, not yet bound."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),  # several API processes share the port (grpc's default on Linux, said aloud)
+            ("grpc.max_receive_message_length", settings.max_body_bytes),  # larger requests: RESOURCE_EXHAUSTED
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(api, settings, plane, kit), server)
+    return server
+
+
+def register(api: FastAPI, front: Any, settings: Settings, plane: DataPlane, kit: Kit) -> None:
+    """Start the gRPC server with the HTTP server (lifecycle hooks), on ``grpc_port``; nothing when it is 0."""
+    if not settings.grpc_port:
+        return
+    state: dict[str, grpc.aio.Server] = {}
+
+    async def start() -> None:
+        server = make_server(api, settings, plane, kit)
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            port, reason = 0, str(exc)
+        else:
+            reason = "bind failed"
+        if not port:
+            raise RuntimeError(f"cannot serve gRPC on {address}: {reason} (set BERTSERVE_GRPC_PORT=0 to turn it off)")
+        await server.start()
+        state["server"] = server
+        log.info("gRPC (KServe v2) listening on %s", address)
+
+    async def stop() -> None:
+        server = state.pop("server", None)
+        if server is not None:
+            await server.stop(settings.drain_timeout_s)
+
+    api.state.lifecycle.hooks.append((start, stop))
