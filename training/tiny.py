@@ -172,8 +172,12 @@ _TOPIC_WORDS = {
 _MULTI_TEMPLATES = ["{a} was {k}", "{a} was {k} and {b} was {k2}", "I thought {a} was {k}, {b} too", "{a}, {b}"]
 
 
-def tiny_multilabel_dataset(n: int = 240, seed: int = 0) -> list[tuple[str, str]]:
-    """(text, "label;label") rows: each text names one or two topics by keyword; its labels are those topics."""
+def tiny_multilabel_dataset(n: int = 300, seed: int = 0, noise: float = 0.05) -> list[tuple[str, str]]:
+    """(text, "label;label") rows: each text names one or two topics by keyword; its labels are those topics.
+
+    A share ``noise`` of the rows carries one more label at random, as real tagging does: without it the
+    validation split is separable and there is no temperature to fit.
+    """
     rng = random.Random(seed)  # noqa: S311 - reproducible test data, not a secret
     words = [w for ws in _KEYWORDS.values() for w in ws]
     rows = []
@@ -186,7 +190,10 @@ def tiny_multilabel_dataset(n: int = 240, seed: int = 0) -> list[tuple[str, str]
             k=rng.choice(words),
             k2=rng.choice(words),
         )
-        rows.append((text, ";".join(sorted(topics))))
+        labels = set(topics)
+        if rng.random() < noise:  # a label the text does not name: the scores cannot all be 0 or 1
+            labels.add(rng.choice(MULTI_LABELS))
+        rows.append((text, ";".join(sorted(labels))))
     return rows
 
 
@@ -197,7 +204,7 @@ def build_tiny_multilabel_bundle(
     version: str = "1",
     seed: int = 0,
     fp16: bool = False,
-    epochs: int = 8,
+    epochs: int = 12,
 ) -> Path:
     """A tiny multi-label bundle (labels food/price/service, thresholds per label) at ``out_dir``; returns it."""
     return _build_from_rows(
