@@ -77,10 +77,12 @@ def load_tokenizer(path: Path | str, max_length: int) -> Tokenizer:
     return configure_tokenizer(Tokenizer.from_file(str(path)), max_length)
 
 
-def _to_seq(encoding: Encoding) -> TokenSeq:
+def _to_seq(encoding: Encoding, pair: bool) -> TokenSeq:
     ids = np.asarray(encoding.ids, dtype=np.int64)
+    if not pair:  # a single text has no segment 1: skip scanning the type ids (this runs once per input)
+        return TokenSeq(ids, len(ids))
     type_ids = encoding.type_ids
-    # index of the first segment-1 token; len(ids) when there is none (a single text)
+    # index of the first segment-1 token; len(ids) when there is none
     segment = type_ids.index(1) if 1 in type_ids else len(ids)
     return TokenSeq(ids, segment)
 
@@ -109,7 +111,8 @@ class Encoder:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:
                     raise TooLong(i, self.max_length)
-        return [_to_seq(enc) for enc in encodings]
+        pair = pairs is not None
+        return [_to_seq(enc, pair) for enc in encodings]
 
 
 def pad_feeds(
@@ -137,11 +140,13 @@ def pad_feeds(
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    result: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return result
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-logits))
+    result: np.ndarray = 1.0 / (1.0 + np.exp(-logits))
+    return result
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from service.errors import BadRequest, Forbidden, NotReady, ServeError, Unproces
 from service.frontend import native, v2
 from service.frontend.http import Handler, Kit, authorize, call_captured
 from service.frontend.lifecycle import Lifecycle
+from service.logs import new_request_id, valid_request_id
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import ErrorResponse, PredictRequest, PredictResponse, ReloadRequest
 
@@ -47,8 +48,18 @@ def json_response(payload: Any, status: int = 200, headers: dict[str, str] | Non
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-def error_response(exc: ServeError) -> Response:
-    return json_response({"error": exc.message, "type": exc.type}, exc.status, exc.headers)
+def request_id_of(request: Request) -> str:
+    """The client's X-Request-ID when it is acceptable, else a new one (the hot routes do the same)."""
+    given = request.headers.get("x-request-id", "")
+    return given if given and valid_request_id(given) else new_request_id()
+
+
+def error_response(request: Request, message: str, kind: str, status: int, headers: dict[str, str] | None = None
+                   ) -> Response:  # fmt: skip
+    """The native error shape, ``{"error", "type", "request_id"}``, with the id also as a header."""
+    rid = request_id_of(request)
+    return json_response({"error": message, "type": kind, "request_id": rid}, status,
+                         {**(headers or {}), "x-request-id": rid})  # fmt: skip
 
 
 class Front:
@@ -151,25 +162,28 @@ def add_protocol_extensions(api: FastAPI, front: Front, settings: Settings, plan
 def register_errors(api: FastAPI, metrics: Metrics) -> None:
     rejected = metrics.rejected
 
-    async def serve_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServeError)
+    async def serve_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, ServeError):  # pragma: no cover - registered for ServeError only
+            raise exc
         if exc.reason:
             rejected.labels(exc.reason).inc()
-        return error_response(exc)
+        return error_response(request, exc.message, exc.type, exc.status, exc.headers)
 
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        return json_response({"error": str(exc.detail), "type": "http_error"}, exc.status_code, exc.headers)
+    async def http_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
+            raise exc
+        return error_response(request, str(exc.detail), "http_error", exc.status_code, exc.headers)
 
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, RequestValidationError):  # pragma: no cover
+            raise exc
         rejected.labels("invalid").inc()
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in exc.errors()[:5]]
-        return json_response({"error": "; ".join(parts), "type": "validation_error"}, 422)
+        return error_response(request, "; ".join(parts), "validation_error", 422)
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
-        return json_response({"error": "internal server error", "type": "internal_error"}, 500)
+        return error_response(request, "internal server error", "internal_error", 500)
 
     api.add_exception_handler(ServeError, serve_error)
     api.add_exception_handler(StarletteHTTPException, http_error)
@@ -195,9 +209,9 @@ def add_health_routes(api: FastAPI, settings: Settings, plane: DataPlane, metric
         """Readiness: 200 once every model is loaded and warm; 503 while loading or draining."""
         guard(request)
         if plane.draining:
-            return json_response({"error": "server is draining", "type": "draining"}, 503)
+            return error_response(request, "server is draining", "draining", 503)
         if not plane.ready:
-            return json_response({"error": "model is loading or warming up", "type": "not_ready"}, 503)
+            return error_response(request, "model is loading or warming up", "not_ready", 503)
         return json_response({"status": "ready"})
 
     @api.get("/metrics", tags=["health"], response_class=Response)
@@ -301,7 +315,7 @@ def add_v2_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit, 
     async def ready(request: Request) -> Response:
         guard(request)
         if not plane.ready:
-            return json_response({"error": "server is not ready", "type": "not_ready"}, 503)
+            return error_response(request, "server is not ready", "not_ready", 503)
         return json_response({"ready": True})
 
     @api.get("/v2/models/{name}", tags=["v2"], responses={404: ERROR_DOCS[404], 503: ERROR_DOCS[503]})

@@ -116,7 +116,8 @@ BAD_INPUTS: list[Bad] = [
     # -- valid JSON, wrong shape or types --------------------------------------------------------------------
     predict({}, 422, "inputs", "required", id="missing-inputs", kind="validation_error"),
     predict({"text": "a"}, 422, "inputs", id="missing-inputs-wrong-name"),
-    predict({"inputs": "a", "model": "other"}, 422, "model", "extra", id="extra-field"),
+    predict({"inputs": "a", "modle": "tiny"}, 422, "modle", "extra", id="extra-field"),
+    predict({"inputs": "a", "model": "other"}, 404, "unknown model", "other", id="unknown-model", kind="not_found"),
     predict({"inputs": "a", **{f"k{i}": i for i in range(2000)}}, 422, "extra", id="thousands-of-extra-fields"),
     predict({"inputs": "a", "top_k": "3"}, 422, "top_k", id="top-k-string"),
     predict({"inputs": "a", "top_k": 1.5}, 422, "top_k", id="top-k-fraction"),
@@ -224,7 +225,7 @@ def assert_json_error(r: httpx.Response, bad: Bad) -> None:
     assert r.status_code == bad.status, f"{bad.id}: expected {bad.status}, got {r.status_code}: {r.text[:500]}"
     assert r.headers.get("content-type", "").startswith("application/json"), f"{bad.id}: {r.headers}"
     body = r.json()
-    assert isinstance(body, dict) and set(body) == {"error", "type"}, f"{bad.id}: not the error shape: {body}"
+    assert isinstance(body, dict) and set(body) == {"error", "type", "request_id"}, f"{bad.id}: not the error shape: {body}"
     assert isinstance(body["error"], str) and body["error"].strip(), f"{bad.id}: empty error message"
     assert isinstance(body["type"], str) and body["type"], f"{bad.id}: empty error type"
     for needle in bad.needles:

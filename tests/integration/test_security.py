@@ -46,7 +46,7 @@ def assert_unauthorized(r: httpx.Response, what: str) -> None:
     assert r.status_code == 401, f"{what}: {r.status_code} {r.text[:300]}"
     assert r.headers.get("www-authenticate", "").lower().startswith("bearer"), f"{what}: {dict(r.headers)}"
     body = r.json()
-    assert set(body) == {"error", "type"} and body["type"] == "unauthorized", f"{what}: {body}"
+    assert set(body) == {"error", "type", "request_id"} and body["type"] == "unauthorized", f"{what}: {body}"
     assert KEY not in r.text
 
 

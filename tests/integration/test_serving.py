@@ -107,7 +107,8 @@ def test_too_many_inputs_is_413(start_server) -> None:
     server = start_server(max_client_batch=4)
     r = server.client.post("/v1/predict", json={"inputs": ["a"] * 5})
     assert r.status_code == 413
-    assert r.json() == {"error": "5 inputs exceed the limit of 4 per request", "type": "payload_too_large"}
+    assert r.json() == {"error": "5 inputs exceed the limit of 4 per request", "type": "payload_too_large",
+                        "request_id": r.headers["x-request-id"]}
     assert server.client.post("/v1/predict", json={"inputs": ["a"] * 4}).status_code == 200
 
 

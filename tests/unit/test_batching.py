@@ -10,9 +10,26 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchPolicy, DeadlineExceeded, Draining, QueueFull, select_batch
+from service.batching import Batcher, Job, select_batch
+from service.config import BatchPolicy
+from service.errors import DeadlineExceeded, Disconnected, Draining, QueueFull
 from service.metrics import Metrics
-from service.runtime import Output
+from service.modelio import Head, TokenSeq
+
+HEAD = Head(("a", "b"))
+
+
+def post(logits: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    scores = HEAD.scores(logits)
+    return scores, HEAD.predict(scores)
+
+
+def make_batcher(backend: EchoBackend, policy: BatchPolicy) -> Batcher:
+    return Batcher(backend, policy, Metrics().for_model("m", "1"), post)
+
+
+def seq(n: int) -> list[TokenSeq]:
+    return [TokenSeq(np.zeros(n, np.int64), n)]
 
 
 def test_batch_always_holds_the_oldest_and_groups_similar_lengths() -> None:
@@ -81,7 +98,7 @@ class EchoBackend:
         self.overlapped_solo = False
         self._lock = threading.Lock()
 
-    def run(self, sequences: list[np.ndarray], solo: bool = False) -> list[Output]:
+    def run(self, sequences: list[TokenSeq], solo: bool = False) -> np.ndarray:
         with self._lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -92,20 +109,23 @@ class EchoBackend:
             self.overlapped_solo |= solo and self.running > 0
             self.batches.append(len(sequences))
             self.solo.append(solo)
-        return [Output(np.array([len(s)], np.float32), np.array([1.0], np.float32)) for s in sequences]
+        return np.array([[len(s), 0.0] for s in sequences], np.float32)
 
 
 def test_results_come_back_to_their_own_requests_and_batches_form() -> None:
     async def main() -> None:
         backend = EchoBackend(delay=0.01)
-        batcher = Batcher(backend, BatchPolicy(max_batch_size=8), Metrics())
+        batcher = make_batcher(backend, BatchPolicy(max_batch_size=8))
         batcher.start()
-        deadline = asyncio.get_running_loop().time() + 1e9
+        deadline = time.monotonic() + 60
         lengths = [random.Random(i).randint(1, 50) for i in range(64)]
-        futures = [batcher.submit([np.zeros(n, np.int64)], deadline)[0] for n in lengths]
-        outputs = await asyncio.gather(*futures)
-        assert [int(o.logits[0]) for o in outputs] == lengths
-        assert max(backend.batches) > 1 and sum(backend.batches) == 64
+        futures = [batcher.submit(seq(n), deadline) for n in lengths]
+        jobs: list[Job] = await asyncio.gather(*futures)
+        assert [int(j.logits[0, 0]) for j in jobs] == lengths  # type: ignore[index]
+        # a request of several inputs resolves once, with its rows in order
+        many = await batcher.submit([TokenSeq(np.zeros(n, np.int64), n) for n in (7, 3, 9)], deadline)
+        assert many.logits[:, 0].tolist() == [7, 3, 9] and len(many.predicted) == 3  # type: ignore[index]
+        assert max(backend.batches) > 1 and sum(backend.batches) == 64 + 3
         await batcher.close()
 
     asyncio.run(main())
@@ -113,21 +133,21 @@ def test_results_come_back_to_their_own_requests_and_batches_form() -> None:
 
 def test_queue_bound_deadline_and_drain() -> None:
     async def main() -> None:
-        batcher = Batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, workers=1), Metrics())
+        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, workers=1))
         batcher.start()
         far = time.monotonic() + 60
         with pytest.raises(QueueFull):
-            batcher.submit([np.zeros(3, np.int64)] * 4, far)
-        first = batcher.submit([np.zeros(3, np.int64)], far)
-        expired = batcher.submit([np.zeros(3, np.int64)], time.monotonic() + 0.01)
-        assert (await first[0]).logits[0] == 3
+            batcher.submit(seq(3) * 4, far)
+        first = batcher.submit(seq(3), far)
+        expired = batcher.submit(seq(3), time.monotonic() + 0.01)
+        assert (await first).logits[0, 0] == 3  # type: ignore[index]
         with pytest.raises(DeadlineExceeded):
-            await expired[0]
-        pending = batcher.submit([np.zeros(5, np.int64)], far)
+            await expired
+        pending = batcher.submit(seq(5), far)
         await batcher.drain()
-        assert pending[0].done() and pending[0].result().logits[0] == 5
+        assert pending.done() and pending.result().logits[0, 0] == 5
         with pytest.raises(Draining):
-            batcher.submit([np.zeros(3, np.int64)], far)
+            batcher.submit(seq(3), far)
         await batcher.close()
 
     asyncio.run(main())
@@ -138,16 +158,61 @@ def test_a_lone_batch_runs_solo_and_load_runs_on_every_worker() -> None:
 
     async def main() -> None:
         backend = EchoBackend(delay=0.02, can_run_solo=True)
-        batcher = Batcher(backend, BatchPolicy(max_batch_size=2, workers=2), Metrics())
+        batcher = make_batcher(backend, BatchPolicy(max_batch_size=2, workers=2))
         batcher.start()
         far = time.monotonic() + 60
         for n in (3, 4, 5):  # one client at a time: each batch runs alone
-            assert (await batcher.submit([np.zeros(n, np.int64)], far)[0]).logits[0] == n
+            assert (await batcher.submit(seq(n), far)).logits[0, 0] == n  # type: ignore[index]
         assert backend.solo == [True, True, True]
-        futures = [batcher.submit([np.zeros(n, np.int64)], far)[0] for n in range(1, 21)]
-        assert [int(o.logits[0]) for o in await asyncio.gather(*futures)] == list(range(1, 21))
+        futures = [batcher.submit(seq(n), far) for n in range(1, 21)]
+        jobs = await asyncio.gather(*futures)
+        assert [int(j.logits[0, 0]) for j in jobs] == list(range(1, 21))  # type: ignore[index]
         assert backend.most_running == 2 and not backend.overlapped_solo
         assert backend.solo[3:].count(False) >= 8  # the queue was deep: batches ran two at a time
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_a_client_that_went_away_is_dropped_before_compute_and_counted() -> None:
+    """The gone() probe is read when a batch forms: the request costs no compute and fails Disconnected."""
+
+    async def main() -> None:
+        backend = EchoBackend(delay=0.05)
+        metrics = Metrics()
+        batcher = Batcher(backend, BatchPolicy(max_batch_size=1, workers=1), metrics.for_model("m", "1"), post)
+        batcher.start()
+        far = time.monotonic() + 60
+        busy = batcher.submit(seq(2), far)  # occupies the only worker
+        await asyncio.sleep(0.01)
+        left = batcher.submit(seq(4), far, gone=lambda: True)
+        assert (await busy).logits[0, 0] == 2  # type: ignore[index]
+        with pytest.raises(Disconnected):
+            await left
+        assert backend.batches == [1]  # the abandoned request never reached the backend
+        assert metrics.rejected.labels("disconnected")._value.get() == 1
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_one_future_per_request_leaves_nothing_unretrieved_on_cancel(caplog: pytest.LogCaptureFixture) -> None:
+    """A cancelled waiter (a client that went away mid-request) logs no 'exception was never retrieved'."""
+
+    async def main() -> None:
+        batcher = make_batcher(EchoBackend(delay=0.02), BatchPolicy(max_batch_size=4, workers=1))
+        batcher.start()
+        far = time.monotonic() + 60
+        waiters = [asyncio.ensure_future(batcher.submit(seq(3) * 3, far)) for _ in range(8)]
+        await asyncio.sleep(0.005)
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await batcher.drain()
+        await batcher.close()
+
+    asyncio.run(main())
+    import gc
+
+    gc.collect()
+    assert "never retrieved" not in caplog.text
