@@ -65,7 +65,7 @@ def export_onnx(model: nn.Module, sample: dict[str, np.ndarray], path: Path, ops
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about Python branches on tensor shapes inside transformers' mask code; those branches
         # are shape-only (mask length == sequence length), and the parity check below is the real test.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
         warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
         torch.onnx.export(
             _LogitsOnly(model),

@@ -34,6 +34,11 @@ from training.metrics import classification_report, multilabel_report
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whatever a config file says
 
 
+# A transformers BertForSequenceClassification: typed as Any because torch's nn.Module resolves unknown attributes
+# (model.config, model.bert) to Tensor | Module, which would need a cast on every use without catching anything.
+HFModel = Any
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 1
@@ -82,7 +87,7 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device(requested)
 
 
-def load_model(model_dir: Path, labels: list[str], multi_label: bool = False) -> nn.Module:
+def load_model(model_dir: Path, labels: list[str], multi_label: bool = False) -> HFModel:
     """A classification head of ``len(labels)`` classes on a local BERT checkpoint, loaded offline.
 
     ``multi_label`` sets transformers' ``problem_type="multi_label_classification"``: the loss becomes
@@ -108,7 +113,7 @@ def load_model(model_dir: Path, labels: list[str], multi_label: bool = False) ->
     return model
 
 
-def use_eager_attention(model: nn.Module) -> nn.Module:
+def use_eager_attention(model: HFModel) -> HFModel:
     """Switch attention to the plain-ops implementation that exports to a fusable ONNX pattern."""
     model.set_attn_implementation("eager")
     return model
@@ -118,7 +123,7 @@ def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, 
     return {name: torch.from_numpy(value).to(device) for name, value in batch.items()}
 
 
-def freeze_bottom(model: nn.Module, layers: int) -> int:
+def freeze_bottom(model: HFModel, layers: int) -> int:
     """Freeze the embeddings and the ``layers`` lowest encoder layers; returns how many parameters still train.
 
     Autograd then stops at the first trainable layer: no backward pass through the frozen layers and no dense
@@ -137,8 +142,9 @@ def freeze_bottom(model: nn.Module, layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def _optimizer(model: HFModel, config: TrainConfig) -> torch.optim.Optimizer:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -159,7 +165,7 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, encoded: Encoded, batch_size: int, device: torch.device) -> np.ndarray:
+def predict_logits(model: HFModel, encoded: Encoded, batch_size: int, device: torch.device) -> np.ndarray:
     """Logits for every row of ``encoded`` in its original order (batches are length-sorted internally)."""
     model.eval()
     out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float32)
@@ -184,7 +190,7 @@ class ValScore:
 
 
 def evaluate_torch(
-    model: nn.Module, encoded: Encoded, targets: np.ndarray, labels: list[str], batch_size: int, device: torch.device
+    model: HFModel, encoded: Encoded, targets: np.ndarray, labels: list[str], batch_size: int, device: torch.device
 ) -> ValScore:
     """Metrics and mean loss (cross-entropy, or binary cross-entropy for [n, labels] targets) on one split.
 
@@ -201,7 +207,7 @@ def evaluate_torch(
 
 
 def train(
-    model: nn.Module,
+    model: HFModel,
     train_enc: Encoded,
     train_targets: np.ndarray,
     val_enc: Encoded,

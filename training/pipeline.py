@@ -46,10 +46,8 @@ from training.errors import TrainingError
 from training.evaluate import AnyReport, EvaluateResult, encode_part, evaluate_bundle, graph_logits, report_json, score
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from training.export import ParityResult
-    from training.finetune import TrainConfig, TrainResult
+    from training.finetune import HFModel, TrainConfig, TrainResult
 
 __all__ = ["EvaluateResult", "FitOptions", "FitResult", "evaluate_bundle", "fit", "report_json"]
 
@@ -113,7 +111,7 @@ class Request:
 class Trained:
     """The train step's result: the fine-tuned model (eager attention, CPU) and everything encoded for it."""
 
-    model: nn.Module
+    model: HFModel
     encoder: Encoder
     encoded: dict[str, Encoded]  # per split name
     targets: dict[str, np.ndarray]  # per split name: class ids, or a 0/1 [n, labels] matrix

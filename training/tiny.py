@@ -92,7 +92,7 @@ def write_tiny_base_model(directory: Path, seed: int = 0, head: bool = True) -> 
     directory.mkdir(parents=True, exist_ok=True)
     source = default_base_model()
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # num_labels reaches PretrainedConfig via **kwargs
         vocab_size=30522,
         hidden_size=32,
         num_hidden_layers=2,
