@@ -23,9 +23,9 @@ from fastapi.responses import Response
 from service.config import Settings
 from service.core import DataPlane, ModelView
 from service.errors import BadRequest, PayloadTooLarge
+from service.frontend import v2
 from service.frontend.app import ERROR_DOCS, Front, json_response
 from service.frontend.http import Kit, authorize, loads
-from service.frontend.v2 import INPUT_NAME, PAIR_NAME
 
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 PLATFORM = "onnxruntime_onnx"
@@ -45,28 +45,32 @@ def _tensor(name: str, data_type: str, dims: list[int]) -> dict[str, Any]:
 def model_config(view: ModelView, settings: Settings, max_client_batch: int) -> dict[str, Any]:
     """Triton's model configuration for a served model, with the batching settings really in force.
 
-    ``max_batch_size`` is the client batch limit (inputs per request): with it above 0, Triton's clients send
-    ``text`` as ``[batch, 1]``, which the v2 infer route accepts. ``dynamic_batching`` reports the batcher's
-    policy (its largest batch as the preferred size, its fill wait as the queue delay); the token budget and
-    padding bound, which Triton has no field for, are in ``parameters``.
+    It follows the v2 model metadata, as Triton's do (perf_analyzer reads both and sizes its inputs from the
+    metadata): metadata ``text`` of shape ``[-1, 1]`` is a batched model, ``max_batch_size`` the client batch
+    limit and dims ``[1]``; metadata ``[-1]`` (what v2.model_metadata says today) is ``max_batch_size`` 0 with
+    dims ``[-1]``, so perf_analyzer needs ``--shape text:1``. ``dynamic_batching`` reports the batcher's policy
+    (its largest batch as the preferred size, its fill wait as the queue delay); the token budget and padding
+    bound, which Triton has no field for, are in ``parameters``.
     """
     policy = view.desc.policy
     gpu = any(p.startswith(("CUDA", "Tensorrt")) for p in view.desc.providers)
-    inputs = [_tensor(INPUT_NAME, "TYPE_STRING", [1])]
-    if view.pair:
-        inputs.append(_tensor(PAIR_NAME, "TYPE_STRING", [1]))
+    metadata = v2.model_metadata(view)
+    batched = len(metadata["inputs"][0]["shape"]) == 2
+    batch, dims = (max_client_batch, [1]) if batched else (0, [-1])
+    inputs = [_tensor(t["name"], "TYPE_STRING", dims) for t in metadata["inputs"]]
+    lead = [] if batched else [-1]
     keep = settings.version_policy
     return {
         "name": view.name,
         "platform": PLATFORM,
         "backend": BACKEND,
         "version_policy": {"latest": {"num_versions": keep}} if keep else {"all": {}},
-        "max_batch_size": max_client_batch,
+        "max_batch_size": batch,
         "input": inputs,
         "output": [
-            {"name": "logits", "data_type": "TYPE_FP32", "dims": [len(view.labels)], "label_filename": "",
+            {"name": "logits", "data_type": "TYPE_FP32", "dims": [*lead, len(view.labels)], "label_filename": "",
              "is_shape_tensor": False},
-            {"name": "labels", "data_type": "TYPE_STRING", "dims": [1], "label_filename": "",
+            {"name": "labels", "data_type": "TYPE_STRING", "dims": dims, "label_filename": "",
              "is_shape_tensor": False},
         ],
         "dynamic_batching": {
