@@ -7,9 +7,11 @@ fit
     score every graph on the test split with ONNX Runtime, and write a verified bundle to ``--output``.
 
 evaluate
-    Score a bundle's ONNX graph (what is served) with ONNX Runtime on CPU: accuracy, macro-F1, per-class table,
-    confusion matrix. With ``--split test`` (the default) the data is re-split with the seed in the manifest,
-    so ``--data bbc`` scores exactly the held-out articles ``fit`` reported on.
+    Score a bundle's ONNX graph (what is served) with ONNX Runtime on CPU and the manifest's calibrated head:
+    accuracy, macro-F1, per-class table and confusion matrix (multi-label: micro-F1, macro-F1, subset
+    accuracy, per-label precision/recall/F1/threshold), and the calibration (ECE before and after). With
+    ``--split test`` (the default) the data is re-split with the seed in the manifest, so ``--data bbc``
+    scores exactly the held-out articles ``fit`` reported on.
 
 Why the defaults (max length 256, 1 epoch, batch 16, lr 2e-4, warm-up 10%, weight decay 0.01)
     BBC articles are long (median 421 tokens), so 256 tokens x 1 epoch beat 128 x 2 at the same compute

@@ -239,3 +239,29 @@ def test_cli_task_errors(
         args = ["--data", str(single), "--label-column", "labels", "--multi-label"]
     assert main(["fit", *args, "--output", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+# --- the BBC-derived tasks and the plain reference fine-tune (the tools behind issue 14's targets) ---------------
+
+
+def test_bbc_derived_tasks_are_balanced_and_load_as_pairs_and_multilabel(tmp_path: Path) -> None:
+    from training.bbc_tasks import write_tasks
+    from training.data import load_data
+
+    pairs_csv, multi_csv = write_tasks(tmp_path)
+    pairs = load_data(str(pairs_csv), pair_column="text_pair")
+    assert len(pairs) == 2225 and pairs.info["class_counts"] == {"different": 1112, "same": 1113}
+    multi = load_data(str(multi_csv), label_column="labels", multi_label=True)
+    assert multi.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert multi.label_sets is not None and {len(s) for s in multi.label_sets} == {1, 2}
+
+
+def test_reference_fit_runs_the_plain_recipe_on_the_same_split(multi_csv: Path, tmp_path: Path) -> None:
+    from training.bbc_tasks import reference_fit
+    from training.tiny import write_tiny_base_model
+
+    base = write_tiny_base_model(tmp_path / "base", head=False)
+    result = reference_fit(
+        str(multi_csv), label_column="labels", multi_label=True, base_model=base, epochs=1, max_length=32, lr=3e-3
+    )
+    assert result["n_test"] == 30 and 0 <= result["micro_f1"] <= 1 and "subset_accuracy" in result
