@@ -232,8 +232,8 @@ class DataPlane:
 
     def model(self, name: str | None, version: str | None = None) -> ModelView:
         """The model a request names (its latest version when none is named); NotFound / NotReady otherwise."""
-        if not self.engine.ready or self.draining:
-            raise NotReady("server is draining" if self.draining else "model is loading or warming up")
+        if not self.engine.ready:  # while draining requests are still served: only readiness turns 503
+            raise NotReady("model is loading or warming up")
         latest = self.latest()
         if not name:
             if len(latest) == 1:

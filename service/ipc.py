@@ -7,11 +7,10 @@ sends token ids to ONE engine process per device that owns the batchers and the 
 batches still form from all traffic.
 
 IPC: pyzmq (a well-kept library, vLLM's choice): each API process has a DEALER socket connected to the engine's
-ROUTER over an ``ipc://`` socket in a private (0700) temporary directory. Messages are pickled tuples: both
-ends are this program's own processes and the socket is reachable only by this user, so nothing untrusted is
-ever unpickled; pickle protocol 5 moves numpy arrays without per-element work. Requests that arrive in the same
-event-loop iteration travel in one message, and so do the results that finish together, so the IPC cost is per
-scheduling round, not per request.
+ROUTER over an ``ipc://`` socket in a private (0700) temporary directory. Messages are msgpack (decoding runs
+no code, unlike pickle; vLLM's engine IPC is msgpack too): token ids and logits travel as raw little-endian
+bytes, records as maps. Requests that arrive in the same event-loop iteration travel in one message, and so do
+the results that finish together, so the IPC cost is per scheduling round, not per request.
 
 The supervisor stops everything with a clear message when any process dies (no half-alive server), forwards
 SIGTERM (API processes drain first, then the engine finishes what was admitted) and SIGHUP (a reload in the
@@ -25,7 +24,7 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
+from dataclasses import asdict
 import shutil
 import signal
 import socket
@@ -47,8 +46,20 @@ log = logging.getLogger("bertserve.ipc")
 GONE_SCAN_S = 0.02  # how often an API process tells the engine which of its clients went away
 
 
+import msgpack
+import numpy as np
+
+
 def _dumps(message: Any) -> bytes:
-    return pickle.dumps(message, protocol=5)
+    return msgpack.packb(message, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _loads(frame: bytes) -> Any:
+    return msgpack.unpackb(frame, raw=False, use_list=True)
+
+
+def _array(raw: bytes, dtype: type[np.generic], rows: int) -> np.ndarray:
+    return np.frombuffer(raw, dtype=dtype).reshape(rows, -1)
 
 
 def _error_of(exc: BaseException) -> tuple[str, str, int]:
@@ -105,9 +116,11 @@ class EngineServer:
             self._queue_reply(identity, (rid, False, _error_of(exc)))
             return
         job = future.result()
-        self._queue_reply(
-            identity, (rid, True, (job.logits, job.scores, job.predicted, job.queue_s, job.inference_s, job.batches))
-        )
+        logits = np.ascontiguousarray(job.logits, dtype=np.float32)
+        scores = np.ascontiguousarray(job.scores, dtype=np.float32)
+        value = [logits.tobytes(), scores.tobytes(), len(logits), job.predicted, job.queue_s, job.inference_s,
+                 job.batches]  # fmt: skip
+        self._queue_reply(identity, (rid, True, value))
 
     def _infer(self, identity: bytes, requests: Sequence[Any]) -> None:
         for rid, name, version, seqs, deadline in requests:
@@ -117,7 +130,8 @@ class EngineServer:
                 return key in self._cancelled
 
             try:
-                future = self.engine.submit(name, version, [TokenSeq(i, s) for i, s in seqs], deadline, gone)
+                tokens = [TokenSeq(np.frombuffer(ids, dtype=np.int64), segment) for ids, segment in seqs]
+                future = self.engine.submit(name, version, tokens, deadline, gone)
             except Exception as exc:
                 self._queue_reply(identity, (rid, False, _error_of(exc)))
                 continue
@@ -134,20 +148,22 @@ class EngineServer:
     async def _dispatch(self, method: str, args: tuple[Any, ...]) -> Any:
         e = self.engine
         if method == "descriptors":
-            return e.descriptors()
+            return [asdict(d) for d in e.descriptors()]
         if method == "stats":
-            return e.stats()
+            return [[name, version, stats] for (name, version), stats in e.stats().items()]
         if method == "index":
-            return sorted(e.index.values(), key=lambda entry: entry.name)
+            return [asdict(entry) for entry in sorted(e.index.values(), key=lambda entry: entry.name)]
         if method == "load":
-            return await e.load(*args)
+            await e.load(*args)
+            return None
         if method == "unload":
-            return await e.unload(*args)
+            await e.unload(*args)
+            return None
         if method == "reload":
             from pathlib import Path
 
             model_dir, variant = args
-            return await e.reload(Path(model_dir) if model_dir else None, variant)
+            return asdict(await e.reload(Path(model_dir) if model_dir else None, variant))
         if method == "ping":
             return None
         raise errors.BadRequest(f"unknown engine call {method!r}")
@@ -163,7 +179,7 @@ class EngineServer:
                 break
             identity, frame = receiver.result()
             receiver = asyncio.ensure_future(self.socket.recv_multipart())
-            message = pickle.loads(frame)  # noqa: S301 - our own processes, a 0700 directory (module docstring)
+            message = _loads(frame)
             kind = message[0]
             if kind == "infer":
                 self._infer(identity, message[1])
@@ -230,6 +246,10 @@ async def _reload_quietly(engine: Any) -> None:
 
 
 # -- the API processes' side -------------------------------------------------------------------------------
+def _CALL() -> bool:  # noqa: N802 - a marker: this pending entry is a call, not an inference
+    return False
+
+
 @dataclass(slots=True)
 class RemoteResult:
     logits: Any
@@ -284,7 +304,7 @@ class RemoteEngine:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, gone)
-        self._outbox.append((rid, name, version, [(s.ids, s.segment) for s in seqs], deadline))
+        self._outbox.append((rid, name, version, [(s.ids.tobytes(), s.segment) for s in seqs], deadline))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -299,7 +319,7 @@ class RemoteEngine:
     async def call(self, method: str, *args: Any) -> Any:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (future, None)
+        self._pending[rid] = (future, _CALL)
         await self.socket.send(_dumps(("call", rid, method, args)))
         return await future
 
@@ -312,28 +332,26 @@ class RemoteEngine:
         await self._refresh()
 
     async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor:
-        desc: ModelDescriptor = await self.call("reload", model_dir, variant)
+        desc = ModelDescriptor(**await self.call("reload", model_dir, variant))
         await self._refresh()
         return desc
 
     async def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
-        result: dict[tuple[str, str], dict[str, Any]] = await self.call("stats")
-        return result
+        return {(name, version): stats for name, version, stats in await self.call("stats")}
 
     async def repository_index(self) -> list[RepositoryEntry]:
-        result: list[RepositoryEntry] = await self.call("index")
-        return result
+        return [RepositoryEntry(**entry) for entry in await self.call("index")]
 
     # internals
     async def _refresh(self) -> None:
         generation = self._known_generation
-        self._descriptors = await self.call("descriptors")
+        self._descriptors = [ModelDescriptor(**d) for d in await self.call("descriptors")]
         self.generation = generation  # the table matches the generation seen before asking for it
 
     async def _receive(self) -> None:
         while True:
             frame = await self.socket.recv()
-            _, (generation, ready), items = pickle.loads(frame)  # noqa: S301 - see the module docstring
+            _, (generation, ready), items = _loads(frame)
             self.ready = ready
             if generation != self._known_generation:
                 self._known_generation = generation
@@ -343,17 +361,23 @@ class RemoteEngine:
                 if entry is None or entry[0].done():
                     continue
                 if ok:
-                    result = RemoteResult(*value) if isinstance(value, tuple) and len(value) == 6 else value
-                    entry[0].set_result(result)
+                    entry[0].set_result(self._result(value) if entry[1] is not _CALL else value)
                 else:
                     entry[0].set_exception(_rebuild_error(*value))
+
+    @staticmethod
+    def _result(value: list[Any]) -> RemoteResult:
+        logits, scores, rows, predicted, queue_s, inference_s, batches = value
+        return RemoteResult(_array(logits, np.float32, rows), _array(scores, np.float32, rows), predicted,
+                            queue_s, inference_s, [tuple(b) for b in batches])  # fmt: skip
 
     async def _watch(self) -> None:
         """Keep the model table fresh (readiness, reloads) and tell the engine which clients went away."""
         last_ping = 0.0
         while True:
             await asyncio.sleep(GONE_SCAN_S)
-            gone = [rid for rid, (_, probe) in self._pending.items() if probe is not None and probe()]
+            gone = [rid for rid, (_, probe) in self._pending.items() if probe is not None and probe is not _CALL
+                    and probe()]  # fmt: skip
             if gone:
                 await self.socket.send(_dumps(("cancel", gone)))
             now = time.monotonic()

@@ -150,13 +150,11 @@ def add_offline_docs(api: FastAPI) -> None:
 
 
 def add_protocol_extensions(api: FastAPI, front: Front, settings: Settings, plane: DataPlane, kit: Kit) -> None:
-    """Triton's extensions and the TEI / vLLM dialects, each in its own module (absent modules are skipped)."""
-    for module_name in ("service.frontend.triton", "service.frontend.dialects"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
-        module.register(api, front, settings, plane, kit)
+    """Triton's extensions (and the KServe v2 gRPC server) and the TEI / vLLM dialects, each in its own module."""
+    from service.frontend import dialects, triton
+
+    triton.register(api, front, settings, plane, kit)
+    dialects.register(api, front, settings, plane, kit)
 
 
 def register_errors(api: FastAPI, metrics: Metrics) -> None:

@@ -136,7 +136,7 @@ def check_json_content_type(ctx: Ctx) -> None:
 
 def loads(body: bytes, what: str = "request body") -> Any:
     if not body:
-        raise BadRequest(f"{what} is empty; expected a JSON object")
+        raise BadRequest(f"{what} is not valid JSON: the body is empty; expected a JSON object")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
