@@ -3,6 +3,7 @@ synthetic series in, which alerts fire and when out). Skipped, with the reason, 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -62,3 +63,57 @@ def test_alert_unit_tests_fail_against_a_wrong_threshold(promtool: str, tmp_path
     shutil.copy(HERE / "alerts_test.yml", work / "tests" / "deploy" / "alerts_test.yml")
     proc = run([promtool, "test", "rules", str(work / "tests" / "deploy" / "alerts_test.yml")])
     assert proc.returncode != 0 and "BertserveHighP99Latency" in proc.stdout + proc.stderr
+
+
+def _drift_rules() -> dict[str, dict[str, object]]:
+    import yaml
+
+    groups = yaml.safe_load((DEPLOY / "rules" / "bertserve.yml").read_text(encoding="utf-8"))["groups"]
+    return {r["alert"]: r for g in groups for r in g["rules"] if "drift" in r.get("alert", "").lower()}
+
+
+def test_drift_alerts_fire_on_psi_above_0_2_for_15_minutes() -> None:
+    rules = _drift_rules()
+    assert set(rules) == {"BertserveLabelDrift", "BertserveConfidenceDrift"}
+    for name, metric in (("BertserveLabelDrift", "bertserve_label_drift_psi"),
+                         ("BertserveConfidenceDrift", "bertserve_confidence_drift_psi")):  # fmt: skip
+        rule = rules[name]
+        assert metric in str(rule["expr"]) and str(rule["expr"]).strip().endswith("> 0.2"), rule["expr"]
+        assert rule["for"] == "15m"
+
+
+def test_drift_alerts_read_series_the_monitor_exports() -> None:
+    """The names in the rules are the names service.monitoring really exposes (with a reference, after traffic)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from service.monitoring import PredictionMonitor
+
+    registry = CollectorRegistry()
+    reference = SimpleNamespace(
+        n=10, labels={"a": 0.5, "b": 0.5}, confidence_edges=[0.0, 0.5, 1.0], confidence=[0.5, 0.5]
+    )
+    monitor = PredictionMonitor(registry, "bbc", ["a", "b"], reference, window=10)
+    monitor.observe(np.array([[0.9, 0.1]] * 10, dtype=np.float32), [[0]] * 10)
+    text = generate_latest(registry).decode()
+    for rule in _drift_rules().values():
+        metric = re.search(r"bertserve_\w+", str(rule["expr"]))
+        assert metric is not None and f'{metric.group(0)}{{model="bbc"}}' in text, (metric, text)
+
+
+def test_drift_unit_tests_fail_against_a_wrong_threshold(promtool: str, tmp_path: Path) -> None:
+    """Control: with the label PSI threshold raised to 0.5 the drift case must fail."""
+    work = tmp_path / "repo"
+    shutil.copytree(DEPLOY / "rules", work / "deploy" / "rules")
+    rules = work / "deploy" / "rules" / "bertserve.yml"
+    text = rules.read_text(encoding="utf-8")
+    assert "(bertserve_label_drift_psi) > 0.2" in text
+    rules.write_text(
+        text.replace("(bertserve_label_drift_psi) > 0.2", "(bertserve_label_drift_psi) > 0.5"), encoding="utf-8"
+    )
+    (work / "tests" / "deploy").mkdir(parents=True)
+    shutil.copy(HERE / "alerts_test.yml", work / "tests" / "deploy" / "alerts_test.yml")
+    proc = run([promtool, "test", "rules", str(work / "tests" / "deploy" / "alerts_test.yml")])
+    assert proc.returncode != 0 and "BertserveLabelDrift" in proc.stdout + proc.stderr
