@@ -1,7 +1,7 @@
-"""bertserve without HTTP: the service's own Engine (tokenizer, dynamic batcher, sessions) driven in-process.
+"""bertserve without HTTP: the service's own data plane and engine (tokenizer, batcher, sessions) in-process.
 
 Closed loop, like the load generator: ``--concurrency`` asyncio clients each submit one text (or
-``--inputs-per-request``) through ``Engine.infer`` and submit the next as soon as the answer is back. Everything a
+``--inputs-per-request``) through ``DataPlane.infer`` (what every protocol calls) and submit the next as soon as the answer is back. Everything a
 request costs in the service except HTTP (parsing, JSON, the event loop's socket work, the load generator and
 loopback TCP on the same cores) is in here, so ``ceiling / this / the HTTP service`` splits the gap between the
 ceiling and the service into the batcher's share and HTTP's share. Settings come from ``BERTSERVE_*`` exactly
@@ -21,12 +21,13 @@ from typing import Any
 
 from bench.workload import emit_report, latency_ms, load_texts, make_texts
 from service.config import Settings
+from service.core import DataPlane, LocalEngine
 from service.engine import Engine
 from service.metrics import Metrics
 
 
 async def drive(
-    engine: Engine, texts: list[str], concurrency: int, inputs_per_request: int, warmup: float, duration: float
+    plane: DataPlane, texts: list[str], concurrency: int, inputs_per_request: int, warmup: float, duration: float
 ) -> dict[str, Any]:
     """Run the closed loop for ``warmup + duration`` seconds; count only requests that finish in the window."""
     cursor = 0
@@ -40,7 +41,7 @@ async def drive(
             batch = [texts[(cursor + i) % len(texts)] for i in range(inputs_per_request)]
             cursor += inputs_per_request
             started = time.perf_counter()
-            await engine.infer(batch, truncate=True, deadline=time.monotonic() + 60)
+            await plane.infer(plane.model(None), batch, timeout_s=60)
             finished = time.perf_counter()
             if window_start <= started and finished <= window_end:
                 latencies.append(finished - started)
@@ -62,18 +63,19 @@ async def run(
     settings: Settings, texts: list[str], concurrency: int, inputs_per_request: int, warmup: float, duration: float
 ) -> dict[str, Any]:
     metrics = Metrics()
-    engine = await asyncio.to_thread(Engine.load, settings, metrics)
-    await asyncio.to_thread(engine.warmup, settings.warmup_runs)
-    engine.start()
+    engine = Engine(settings, metrics)
+    await engine.start()
+    plane = DataPlane(settings, LocalEngine(engine), metrics)
+    variant = plane.model(None).desc.variant
     try:
-        result = await drive(engine, texts, concurrency, inputs_per_request, warmup, duration)
+        result = await drive(plane, texts, concurrency, inputs_per_request, warmup, duration)
     finally:
         await engine.close()
     batches = next(iter(metrics.batch_size.collect())).samples
-    count = next(s.value for s in batches if s.name.endswith("_count"))
-    total = next(s.value for s in batches if s.name.endswith("_sum"))
+    count = sum(s.value for s in batches if s.name.endswith("_count"))
+    total = sum(s.value for s in batches if s.name.endswith("_sum"))
     result["mean_batch_size"] = total / count if count else None
-    result["variant"] = engine.runtime.variant
+    result["variant"] = variant
     result["settings"] = settings.model_dump(mode="json", exclude={"api_key"})
     return result
 
