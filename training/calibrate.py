@@ -128,17 +128,16 @@ def choose_thresholds(scores: np.ndarray, targets: np.ndarray) -> list[float]:
         if not y.any():
             thresholds.append(DEFAULT_THRESHOLD)
             continue
-        distinct = np.unique(s)
+        order = np.argsort(s, kind="stable")
+        distinct, first = np.unique(s[order], return_index=True)
+        # candidate j sits just below distinct[j]: it predicts every row from sorted position first[j] on
         candidates = np.concatenate([[distinct[0] / 2], (distinct[:-1] + distinct[1:]) / 2])
-        best, best_key = DEFAULT_THRESHOLD, (-1.0, 0.0)
-        for t in candidates:
-            predicted = s >= t
-            tp = float((predicted & y).sum())
-            f1 = 2 * tp / (predicted.sum() + y.sum())
-            key = (round(f1, 12), -abs(t - DEFAULT_THRESHOLD))
-            if key > best_key:
-                best, best_key = float(t), key
-        thresholds.append(round(best, 6))
+        true_from = np.cumsum(y[order][::-1])[::-1]  # positives at or after each sorted position
+        tp = true_from[first]
+        f1 = 2 * tp / ((len(s) - first) + y.sum())
+        best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
+        chosen = candidates[best[np.argmin(np.abs(candidates[best] - DEFAULT_THRESHOLD))]]
+        thresholds.append(round(float(chosen), 6))
     return thresholds
 
 

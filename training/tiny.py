@@ -8,7 +8,8 @@ real tokenizer, the real ONNX graphs (fp32, opt, int8) and a manifest written by
 The sentences carry one keyword per class ("great", "terrible", "okay"...), so a few epochs are enough for the
 model to learn them: predictions on texts such as "a great film, I loved it" are meaningful, not noise.
 
-Usage: ``build_tiny_bundle(out_dir, name="tiny", version="1")``, or ``python -m training.tiny OUT_DIR``.
+Usage: ``build_tiny_bundle(out_dir, name="tiny", version="1")``, or ``python -m training.tiny OUT_DIR``
+(``--task pair`` or ``--task multi-label`` first for the other two).
 
 Two more tasks for the service's tests, on generated data too:
 
@@ -28,7 +29,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -289,14 +290,25 @@ def build_tiny_fit(
     return fit(FitOptions(**(values | overrides)))
 
 
+_BUILDERS: dict[str, Callable[..., Path]] = {
+    "text": build_tiny_bundle,
+    "pair": build_tiny_pair_bundle,
+    "multi-label": build_tiny_multilabel_bundle,
+}
+_DEFAULT_NAMES = {"text": "tiny", "pair": "tiny-pair", "multi-label": "tiny-multi"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) not in (1, 2, 3):
-        print("usage: python -m training.tiny OUT_DIR [NAME [VERSION]]", file=sys.stderr)
+    """``python -m training.tiny [--task text|pair|multi-label] OUT_DIR [NAME [VERSION]]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    task = "text"
+    if args[:1] == ["--task"] and len(args) > 1:
+        task, args = args[1], args[2:]
+    if task not in _BUILDERS or len(args) not in (1, 2, 3):
+        print("usage: python -m training.tiny [--task text|pair|multi-label] OUT_DIR [NAME [VERSION]]", file=sys.stderr)
         return 2
-    path = build_tiny_bundle(
-        Path(args[0]), name=args[1] if len(args) > 1 else "tiny", version=args[2] if len(args) > 2 else "1"
-    )
+    name = args[1] if len(args) > 1 else _DEFAULT_NAMES[task]
+    path = _BUILDERS[task](Path(args[0]), name=name, version=args[2] if len(args) > 2 else "1")
     print(path)
     return 0
 
