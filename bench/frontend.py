@@ -176,14 +176,14 @@ def thread_group(name: str, tid: int, proc: ProcCPU) -> str:
     main_name = proc.threads.get(proc.pid, ("", 0))[0]
     if name == main_name:
         return f"{name} (unnamed)"
-    return re.sub(r"[-_:. ]*\d+$", "", name) or name
+    return re.sub(r"[-_:./ ]*\d+$", "", name).rstrip("-_:./ ") or name
 
 
 def _ms(ticks: int, requests: int) -> float:
     return round(ticks / CLK_TCK * 1000.0 / max(requests, 1), 4)
 
 
-def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], requests: int) -> dict[str, Any]:
+def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], requests: int, root: int) -> dict[str, Any]:
     """Server CPU ms per completed request: total, event loop, per thread group and per process.
 
     A process or thread that appeared during the run counts from zero; one that ended during the run is lost
@@ -191,11 +191,12 @@ def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], reque
     """
     processes: list[dict[str, Any]] = []
     groups: dict[str, int] = {}
-    total = 0
+    total = api_total = 0
     for pid, proc in after.items():
         base = before.get(pid)
         d_proc = proc.ticks - (base.ticks if base else 0)
         total += d_proc
+        api_total += d_proc if proc.listener else 0
         threads: list[dict[str, Any]] = []
         p_groups: dict[str, int] = {}
         for tid, (name, ticks) in proc.threads.items():
@@ -212,6 +213,7 @@ def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], reque
         processes.append(
             {
                 "pid": pid,
+                "role": "api" if proc.listener else ("root" if pid == root else "child"),
                 "cmd": proc.cmd,
                 "listener": proc.listener,
                 "cpu_ms_per_request": _ms(d_proc, requests),
@@ -223,6 +225,8 @@ def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], reque
     return {
         "total_ms_per_request": _ms(total, requests),
         "event_loop_ms_per_request": _ms(groups.get("event-loop", 0), requests),
+        "api_processes_ms_per_request": _ms(api_total, requests),
+        "other_processes_ms_per_request": _ms(total - api_total, requests),
         "api_processes": sum(1 for p in after.values() if p.listener),
         "thread_groups_ms_per_request": {g: _ms(t, requests) for g, t in sorted(groups.items(), key=lambda x: -x[1])},
         "processes": processes,
@@ -385,6 +389,7 @@ def build_tiny(work: Path) -> Path:
 class Config:
     model_dir: Path | None = None
     server_root: Path = ROOT
+    server_label: str = ""
     duration: float = 10.0
     warmup: float = 2.0
     concurrency: list[int] = field(default_factory=lambda: [1, 64, 256])
@@ -436,7 +441,7 @@ def measure(server: RootedServer, body: Path, texts: int, concurrency: int, cfg:
             "cpu_seconds": wrk["cpu_seconds"],
             "cpu_ms_per_request": round(wrk["cpu_seconds"] * 1000 / max(requests, 1), 4),
         },
-        "server_cpu": cpu_per_request(before, after, requests),
+        "server_cpu": cpu_per_request(before, after, requests, server.pid),
     }
 
 
@@ -548,6 +553,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "git_commit": _git_commit(ROOT),
         "server_root": str(cfg.server_root),
         "server_commit": _git_commit(cfg.server_root),
+        "server_label": cfg.server_label,
         "server_flags_used": sorted(f for f in ("--api-workers", "--grpc-port") if f in flags),
         "host": {
             "cpus": os.cpu_count(),
@@ -590,7 +596,7 @@ def _row_text(r: dict[str, Any]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     head = (
         f"{'server':<9} {'w':>2} {'n':>2} {'c':>4} {'req/s':>9} {'inputs/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'errors':>6} {'cpu/req':>8} {'loop/req':>8} {'wrk/req':>8} {'ratio':>6}"
+        f" {'errors':>6} {'cpu/req':>8} {'api/req':>8} {'loop/req':>8} {'wrk/req':>8} {'ratio':>6}"
     )
     ratio_of = {
         (x["texts_per_request"], x["concurrency"], x["api_workers"]): x["ratio"]
@@ -608,6 +614,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{r['server']:<9} {r['workers']:>2} {r['texts_per_request']:>2} {r['concurrency']:>4} {r['rps']:>9.1f}"
             f" {r['inputs_per_s']:>9.1f} {lat.get('p50', float('nan')):>8.2f} {lat.get('p99', float('nan')):>8.2f}"
             f" {r['errors']['total']:>6} {r['server_cpu']['total_ms_per_request']:>8.3f}"
+            f" {r['server_cpu']['api_processes_ms_per_request']:>8.3f}"
             f" {r['server_cpu']['event_loop_ms_per_request']:>8.3f} {r['wrk']['cpu_ms_per_request']:>8.3f}"
             f" {'' if ratio is None else f'{ratio:.3f}':>6}"
         )
@@ -681,13 +688,14 @@ def plot(report: dict[str, Any], path: Path, focus_concurrency: int = 64) -> Non
                     label=f"{kind}, {n} text(s)",
                 )
     ax.set_yscale("log")
+    ax.set_xticks(sorted({r["workers"] for r in runs}))
     ax.set_xlabel("API worker processes")
     ax.set_ylabel("requests/s")
     ax.set_title(f"req/s against workers, c={focus}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    commit = (report.get("server_commit") or "")[:9]
-    fig.suptitle(f"bertserve front end vs raw ASGI reference (server {commit}, {report['created']})", fontsize=10)
+    what = report.get("server_label") or (report.get("server_commit") or "")[:9]
+    fig.suptitle(f"bertserve front end vs raw ASGI reference (server: {what}; {report['created']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -705,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.frontend", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, help="bundle to serve (default: build the tiny bundle)")
     p.add_argument("--server-root", type=Path, default=ROOT, help="source tree to run bertserve from")
+    p.add_argument("--server-label", default="", help="what the server is, for the report and plot title")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of load per point (wrk -d)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load after each start")
     p.add_argument("--concurrency", type=_ints, default=[1, 64, 256], help="wrk connections, e.g. 1,64,256")
