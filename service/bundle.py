@@ -206,9 +206,7 @@ class Bundle(BaseModel):
 
     def model_path(self, variant: str) -> Path:
         if variant not in self.manifest.variants:
-            raise BundleError(
-                f"{self.path}: variant {variant!r} not in bundle (has {sorted(self.manifest.variants)})"
-            )
+            raise BundleError(f"{self.path}: variant {variant!r} not in bundle (has {sorted(self.manifest.variants)})")
         return self.path / self.manifest.variants[variant].file
 
     @property
@@ -226,9 +224,7 @@ def sha256_file(path: Path) -> str:
 
 def _bundle_files(directory: Path) -> list[str]:
     return sorted(
-        p.relative_to(directory).as_posix()
-        for p in directory.rglob("*")
-        if p.is_file() and p.name != MANIFEST_NAME
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
     )
 
 

@@ -83,6 +83,7 @@ def keep_freed_memory() -> bool:
         )
     )
 
+
 VARIANTS = ("fp32", "opt", "int8", "fp16")
 
 

@@ -110,8 +110,12 @@ def calibrate(
     before = ece(*top_correct(probabilities(test_logits, multi), test_targets))
     after = ece(*top_correct(probabilities(test_logits, multi, temperature), test_targets))
     return Calibration(
-        temperature=round(temperature, 6), ece_before=round(before, 6), ece_after=round(after, 6),
-        bins=ECE_BINS, split="test", method=method,
+        temperature=round(temperature, 6),
+        ece_before=round(before, 6),
+        ece_after=round(after, 6),
+        bins=ECE_BINS,
+        split="test",
+        method=method,
     )
 
 

