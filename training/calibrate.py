@@ -161,7 +161,7 @@ def reference(head: Head, scores: np.ndarray, bins: int = REFERENCE_BINS) -> Ref
     hist = np.bincount(index, minlength=bins) / len(top)
     return Reference(
         n=len(scores),
-        labels={label: round(float(v), 6) for label, v in zip(head.labels, shares, strict=True)},
+        labels={label: float(v) for label, v in zip(head.labels, shares, strict=True)},  # unrounded: sums to 1
         confidence_edges=[round(float(e), 6) for e in edges],
-        confidence=[round(float(v), 6) for v in hist],
+        confidence=[float(v) for v in hist],
     )

@@ -321,3 +321,32 @@ def test_cli_rejects_a_negative_freeze_count_other_than_minus_one(capsys: pytest
         main(["fit", "--data", "bbc", "--output", "unused", "--freeze-layers", "-2"])
     assert exit_info.value.code == 2
     assert "--freeze-layers: must be >= 0, or -1 to train everything, got -2" in capsys.readouterr().err
+
+
+def test_a_bundle_from_before_calibration_still_evaluates(tiny_bundle: Path, tiny_csv: Path, tmp_path: Path) -> None:
+    """Old manifests (no problem_type, text_pair, calibration, reference) load and score at temperature 1."""
+    import shutil
+
+    from training.evaluate import format_calibration
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    raw = json.loads((old / "manifest.json").read_text(encoding="utf-8"))
+    for key in ("problem_type", "text_pair", "thresholds", "calibration", "reference"):
+        raw.pop(key)
+    for key in ("text_pair_column", "multi_label", "label_separator"):
+        raw["dataset"].pop(key)
+    (old / "manifest.json").write_text(json.dumps(raw), encoding="utf-8")
+    result = evaluate_bundle(old, str(tiny_csv))
+    assert result.split_matches_training is True and result.calibration is None
+    assert result.ece == result.ece_uncalibrated
+    assert "calibration: none recorded (temperature 1)" in format_calibration(result)
+
+
+def test_the_tiny_bundle_records_calibration_and_a_drift_reference(tiny_bundle: Path) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    assert m.problem_type == "single_label" and m.text_pair is False and m.thresholds is None
+    assert m.calibration is not None and m.calibration.bins == 15 and m.calibration.split == "test"
+    assert m.reference is not None and m.reference.n == 24 and set(m.reference.labels) == set(TINY_LABELS)
+    assert sum(m.reference.labels.values()) == pytest.approx(1.0) and sum(m.reference.confidence) == pytest.approx(1.0)
+    assert m.base_model.startswith("tiny random-init BERT") and m.dataset["path"] == "tiny.csv"
