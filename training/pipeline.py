@@ -11,6 +11,7 @@ Evaluation of a finished bundle lives in :mod:`training.evaluate`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -358,7 +359,7 @@ def export_variants(options: FitOptions, trained: Trained, staging: Path) -> Exp
         )
         tolerance = step.tolerance(options)
         parity = result.parity.model_copy(update={"tolerance": tolerance})
-        result = type(result)(parity=parity, padded_fraction=result.padded_fraction, seconds=result.seconds)
+        result = dataclasses.replace(result, parity=parity)
         enforced = "" if tolerance is not None else " (recorded, not enforced)"
         _say(options, _parity_line(step.name, result) + enforced)
         if tolerance is not None:

@@ -350,3 +350,14 @@ def test_the_tiny_bundle_records_calibration_and_a_drift_reference(tiny_bundle: 
     assert m.reference is not None and m.reference.n == 24 and set(m.reference.labels) == set(TINY_LABELS)
     assert sum(m.reference.labels.values()) == pytest.approx(1.0) and sum(m.reference.confidence) == pytest.approx(1.0)
     assert m.base_model.startswith("tiny random-init BERT") and m.dataset["path"] == "tiny.csv"
+
+
+def test_a_decision_flip_within_tolerance_is_reported_as_a_near_tie() -> None:
+    from service.bundle import Parity
+    from training.export import ParityResult
+
+    parity = Parity(max_abs_diff=2e-3, argmax_agreement=63 / 64, n_texts=64, batch_sizes=[1, 8, 32])
+    result = ParityResult(parity=parity, padded_fraction=0.3, seconds=0.1, flip_margins=(1.5e-3,))
+    enforce_parity("fp16", result, 5e-2, min_agreement=0.98)  # 0.984 passes a 0.98 rule
+    with pytest.raises(ParityError, match=r"agreement 0.9844 \(at least 0.999\).*near-ties in PyTorch too.*0.0015"):
+        enforce_parity("fp16", result, 5e-2, min_agreement=0.999)
