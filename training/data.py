@@ -209,7 +209,8 @@ def load_data(
     text = _decode(path, path.read_bytes())
     if suffix == ".csv":
         rows = _csv_rows(path, text, columns)
-        if multi_label and rows and not any(label_separator in raw for raw in _raw_csv_labels(text, columns)):
+        # scoring a file whose rows each have one label is fine; training on one is a wrong flag or separator
+        if multi_label and for_training and not any(label_separator in raw for raw in _raw_csv_labels(text, columns)):
             raise DataError(
                 f"{path}: label separator {label_separator!r} never occurs in column {label_column!r}: every row "
                 "has one label; set --label-separator to the one the file uses, or drop --multi-label"

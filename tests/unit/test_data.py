@@ -346,3 +346,8 @@ def test_the_manifest_gets_a_file_name_not_the_training_machines_path(tmp_path: 
     data = load_data(str(write_csv(tmp_path / "d.csv", csv_of(good_rows()))))
     assert data.info["path"] == "d.csv" and data.source == "d.csv"
     assert str(tmp_path) in data.source_of[0]  # error messages still point at the real file
+
+
+def test_scoring_a_file_of_one_label_rows_needs_no_separator(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "m.csv", "text,label\na,x\nb,y\n")
+    assert load_data(str(path), multi_label=True, for_training=False).label_sets == [("x",), ("y",)]
