@@ -22,16 +22,14 @@ from service.frontend.app import create_app
 from service.frontend.lifecycle import DrainingServer, GracefulHttpToolsProtocol, Lifecycle
 from service.logs import configure_logging
 from service.metrics import Metrics
+from service.tracing import Tracing, setup_tracing
 
 log = logging.getLogger("bertserve")
 
 
 def monitor_factory(settings: Settings, metrics: Metrics) -> Any:
     """PredictionMonitor per model (prediction metrics and drift), registered with this process's metrics."""
-    try:
-        from service.monitoring import PredictionMonitor
-    except ImportError:  # TEMP until the monitoring module lands
-        return None
+    from service.monitoring import PredictionMonitor
 
     def make(bundle: Any, head: Any) -> Any:
         registry = None if metrics.multiprocess else metrics.registry
@@ -42,9 +40,16 @@ def monitor_factory(settings: Settings, metrics: Metrics) -> Any:
     return make
 
 
-def serve(settings: Settings, plane: DataPlane, metrics: Metrics, lifecycle: Lifecycle, sockets: Any = None) -> int:
+def serve(
+    settings: Settings,
+    plane: DataPlane,
+    metrics: Metrics,
+    lifecycle: Lifecycle,
+    tracing: Tracing,
+    sockets: Any = None,
+) -> int:
     """Run the HTTP (and gRPC) front end until drained; the exit status."""
-    app = create_app(settings, plane, metrics, lifecycle)
+    app = create_app(settings, plane, metrics, lifecycle, tracing)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -64,6 +69,8 @@ def serve(settings: Settings, plane: DataPlane, metrics: Metrics, lifecycle: Lif
         server.run(sockets=sockets)
     except SystemExit as exc:  # start-up failure raised in the lifespan
         return int(exc.code or 2) if isinstance(exc.code, int) else 2
+    finally:
+        tracing.shutdown()  # flush the spans of the last requests
     if not server.started or server.failed:
         return 2
     return 0
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return supervise(settings)
     metrics = Metrics()
-    engine = Engine(settings, metrics, monitor_factory(settings, metrics))
+    tracing = setup_tracing()
+    engine = Engine(settings, metrics, monitor_factory(settings, metrics), tracing)
     try:  # verify the bundle(s) and create the sessions before listening: a bad bundle never serves
         engine.prepare()
     except Exception as exc:
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     client: EngineClient = LocalEngine(engine)
     plane = DataPlane(settings, client, metrics)
-    return serve(settings, plane, metrics, Lifecycle(plane, engine))
+    return serve(settings, plane, metrics, Lifecycle(plane, engine), tracing)
 
 
 if __name__ == "__main__":

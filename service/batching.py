@@ -67,6 +67,7 @@ class Job:
     inference_s: float = 0.0
     batches: list[tuple[int, float, float]] = field(default_factory=list)  # (size, start, end) perf_counter
     timer: asyncio.TimerHandle | None = None
+    link: tuple[int, int] | None = None  # the request's trace span (trace id, span id), for the batch span
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -134,12 +135,14 @@ class Batcher:
         metrics: ModelMetrics,
         post: Post,
         on_batch: Callable[[np.ndarray, list[list[int]]], None] | None = None,
+        on_batch_span: Callable[[int, float, float, list[tuple[int, int]]], None] | None = None,
     ) -> None:
         self.backend = backend
         self.policy = policy
         self.metrics = metrics
         self.post = post
         self.on_batch = on_batch  # called on the event loop after each batch (prediction monitoring)
+        self.on_batch_span = on_batch_span  # (size, start, end, links): a trace span per batch, when tracing
         self.accepting = False
         self._queue: list[Item] = []
         self._wakeup = asyncio.Event()
@@ -187,11 +190,14 @@ class Batcher:
         if len(self._queue) + n > self.policy.max_queue:
             self._queue = [item for item in self._queue if not item.job.future.done()]  # abandoned: no slot
         if len(self._queue) + n > self.policy.max_queue:
-            self.metrics.rejected_queue_full.inc()
-            raise QueueFull(self._retry_after())
+            raise QueueFull(self._retry_after())  # counted where it is answered (the protocol's error path)
 
     def submit(
-        self, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None = None
+        self,
+        seqs: Sequence[TokenSeq],
+        deadline: float,
+        gone: Callable[[], bool] | None = None,
+        link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Job]:
         """Queue one request's sequences (all or none); the future resolves to its finished Job."""
         if not self.accepting:
@@ -199,7 +205,7 @@ class Batcher:
         self.check_room(len(seqs))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        job = Job(seqs, loop.create_future(), deadline, now, gone, remaining=len(seqs))
+        job = Job(seqs, loop.create_future(), deadline, now, gone, remaining=len(seqs), link=link)
         job.timer = loop.call_at(loop.time() + (deadline - now), self._expire, job)
         self._queue.extend(Item(job, row, seq) for row, seq in enumerate(seqs))
         self._idle.clear()
@@ -281,19 +287,20 @@ class Batcher:
         self.stats.execution(len(batch), elapsed)
         if self.on_batch is not None:
             self.on_batch(scores, predicted)
+        if self.on_batch_span is not None:
+            links = list({item.job.link for item in batch if item.job.link is not None})
+            self.on_batch_span(len(batch), started, ended, links)
         for i, item in enumerate(batch):
             job = item.job
             if job.future.done():
                 continue
-            if job.logits is None:
-                if len(job.seqs) == 1:  # the common case: views, no copy
-                    job.logits, job.scores, job.predicted = logits[i : i + 1], scores[i : i + 1], [predicted[i]]
-                else:
+            if len(job.seqs) == 1:  # the common case: views of the batch's rows, no copy
+                job.logits, job.scores, job.predicted = logits[i : i + 1], scores[i : i + 1], [predicted[i]]
+            else:
+                if job.logits is None or job.scores is None:
                     job.logits = np.empty((len(job.seqs), logits.shape[1]), np.float32)
                     job.scores = np.empty_like(job.logits)
                     job.predicted = [[] for _ in job.seqs]
-            if len(job.seqs) > 1:
-                assert job.scores is not None
                 job.logits[item.row] = logits[i]
                 job.scores[item.row] = scores[i]
                 job.predicted[item.row] = predicted[i]

@@ -24,6 +24,7 @@ from service.engine import Engine, ModelDescriptor, RepositoryEntry, head_of, ve
 from service.errors import Draining, NotFound, NotReady, PayloadTooLarge, TextTooLong, Unprocessable
 from service.metrics import Metrics
 from service.modelio import Encoder, Head, TokenSeq, TooLong
+from service.tracing import RequestSpan, epoch_ns
 
 
 class EngineResult(Protocol):
@@ -51,7 +52,13 @@ class EngineClient(Protocol):
     def check_room(self, name: str, version: str, n: int) -> None: ...
 
     def submit(
-        self, name: str, version: str, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None
+        self,
+        name: str,
+        version: str,
+        seqs: Sequence[TokenSeq],
+        deadline: float,
+        gone: Callable[[], bool] | None,
+        link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Any]: ...
 
     async def load(self, name: str) -> None: ...
@@ -86,9 +93,15 @@ class LocalEngine:
         self.engine.find(name, version).batcher.check_room(n)
 
     def submit(
-        self, name: str, version: str, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None
+        self,
+        name: str,
+        version: str,
+        seqs: Sequence[TokenSeq],
+        deadline: float,
+        gone: Callable[[], bool] | None,
+        link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Any]:
-        return self.engine.submit(name, version, seqs, deadline, gone)
+        return self.engine.submit(name, version, seqs, deadline, gone, link)
 
     async def load(self, name: str) -> None:
         await self.engine.load(name)
@@ -235,6 +248,8 @@ class DataPlane:
         if not self.engine.ready:  # while draining requests are still served: only readiness turns 503
             raise NotReady("model is loading or warming up")
         latest = self.latest()
+        if not latest:
+            raise NotFound("no model is loaded")
         if not name:
             if len(latest) == 1:
                 return next(iter(latest.values()))
@@ -281,6 +296,7 @@ class DataPlane:
         timeout_s: float | None = None,
         gone: Callable[[], bool] | None = None,
         timing: Timing | None = None,
+        span: RequestSpan | None = None,
     ) -> InferResult:
         """Tokenize, submit to the engine, wait for the result: the one inference path of every protocol."""
         timing = timing or Timing()
@@ -293,11 +309,16 @@ class DataPlane:
                 seqs = view.encoder.encode(texts, pairs, truncate)
             except TooLong as exc:
                 raise TextTooLong(str(exc)) from None
-            elapsed = time.perf_counter() - started
+            tokenized = time.perf_counter()
+            elapsed = tokenized - started
             timing.tokenize_s += elapsed
             self._tokenize.observe(elapsed)
+            link = None
+            if span is not None:
+                span.stage("tokenize", epoch_ns(int(started * 1e9)), epoch_ns(int(tokenized * 1e9)))
+                link = span.link_context()
             try:
-                job = await self.engine.submit(view.name, view.version, seqs, deadline, gone)
+                job = await self.engine.submit(view.name, view.version, seqs, deadline, gone, link)
             except Draining:
                 if self.draining:
                     raise
@@ -307,6 +328,9 @@ class DataPlane:
                 view = current
                 continue
             timing.queue_s, timing.inference_s = job.queue_s, job.inference_s
+            if span is not None:
+                queued = epoch_ns(int(tokenized * 1e9))
+                span.stage("queue", queued, queued + int(job.queue_s * 1e9))
             return InferResult(view, job.logits, job.scores, job.predicted, timing, job.batches)
         raise Draining(f"model {view.name!r} is being replaced; retry")
 

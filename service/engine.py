@@ -35,19 +35,14 @@ from service.errors import Conflict, Draining, NotFound, NotReady, Unprocessable
 from service.metrics import Metrics
 from service.modelio import Head
 from service.runtime import ModelRuntime
+from service.tracing import Tracing, epoch_ns
 
 log = logging.getLogger("bertserve.engine")
 
 
 def head_of(bundle: Bundle) -> Head:
     """The bundle's output head: labels, problem type, calibration temperature, thresholds."""
-    m = bundle.manifest
-    builder = getattr(m, "head", None)
-    if callable(builder):
-        head = builder()
-        assert isinstance(head, Head)
-        return head
-    return Head(tuple(m.labels))
+    return bundle.manifest.head()
 
 
 def public_manifest(bundle: Bundle) -> dict[str, Any]:
@@ -127,6 +122,7 @@ class Engine:
     settings: Settings
     metrics: Metrics
     monitor_factory: Callable[[Bundle, Head], Any] | None = None
+    tracing: Tracing | None = None
     models: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
     index: dict[str, RepositoryEntry] = field(default_factory=dict)  # by name, for the repository extension
     generation: int = 0
@@ -138,8 +134,7 @@ class Engine:
     def repository_models(self) -> dict[str, list[Path]]:
         """NAME -> bundle directories to serve (latest ``version_policy`` versions), for repository mode."""
         root = self.settings.model_repository
-        assert root is not None
-        if not root.is_dir():
+        if root is None or not root.is_dir():
             raise BundleError(f"{root}: model repository directory does not exist")
         found: dict[str, list[Path]] = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -174,12 +169,21 @@ class Engine:
             scores = head.scores(logits)
             return scores, head.predict(scores)
 
+        tracing = self.tracing
+        span_hook = None
+        if tracing is not None and tracing.enabled:
+            model_name = runtime.name
+
+            def span_hook(size: int, start: float, end: float, links: list[tuple[int, int]]) -> None:
+                tracing.batch_span(model_name, size, epoch_ns(int(start * 1e9)), epoch_ns(int(end * 1e9)), links)
+
         batcher = Batcher(
             runtime,
             self.settings.batch_policy(),
             self.metrics.for_model(runtime.name, runtime.version),
             post,
             on_batch=monitor.observe if monitor is not None else None,
+            on_batch_span=span_hook,
         )
         return LoadedModel(bundle, runtime, head, batcher, monitor)
 
@@ -244,6 +248,8 @@ class Engine:
             self.metrics.set_model(r.name, r.version, r.variant, r.provider, loaded=False)
             await model.batcher.drain()
             await model.batcher.close()
+            if model.monitor is not None:
+                model.monitor.close()
         if models:
             # The cancelled scheduler task keeps a traceback whose frames point back at the batcher: the session
             # sits in a reference cycle only a full collection frees. Collect now, off the event loop.
@@ -275,6 +281,8 @@ class Engine:
         return [m.descriptor() for m in loaded]
 
     async def unload(self, name: str) -> None:
+        if self.settings.model_repository is None:
+            raise Unprocessable("the repository extension needs BERTSERVE_MODEL_REPOSITORY (a directory of models)")
         if name not in self.models:
             raise NotFound(f"model {name!r} is not loaded")
         if self._lock.locked():
@@ -322,9 +330,15 @@ class Engine:
         return model
 
     def submit(
-        self, name: str, version: str, seqs: Sequence[Any], deadline: float, gone: Callable[[], bool] | None
+        self,
+        name: str,
+        version: str,
+        seqs: Sequence[Any],
+        deadline: float,
+        gone: Callable[[], bool] | None,
+        link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Job]:
-        return self.find(name, version).batcher.submit(seqs, deadline, gone)
+        return self.find(name, version).batcher.submit(seqs, deadline, gone, link)
 
     def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
         return {(m.name, m.version): asdict(m.batcher.stats) for vs in self.models.values() for m in vs.values()}

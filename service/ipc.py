@@ -24,7 +24,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-from dataclasses import asdict
 import shutil
 import signal
 import socket
@@ -32,22 +31,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+import msgpack
+import numpy as np
 
 from service import errors
 from service.config import Settings
 from service.engine import ModelDescriptor, RepositoryEntry
 from service.modelio import TokenSeq
+from service.tracing import setup_tracing
 
 log = logging.getLogger("bertserve.ipc")
 
 GONE_SCAN_S = 0.02  # how often an API process tells the engine which of its clients went away
-
-
-import msgpack
-import numpy as np
 
 
 def _dumps(message: Any) -> bytes:
@@ -123,7 +122,7 @@ class EngineServer:
         self._queue_reply(identity, (rid, True, value))
 
     def _infer(self, identity: bytes, requests: Sequence[Any]) -> None:
-        for rid, name, version, seqs, deadline in requests:
+        for rid, name, version, seqs, deadline, link in requests:
             key = (identity, rid)
 
             def gone(key: tuple[bytes, int] = key) -> bool:
@@ -131,7 +130,8 @@ class EngineServer:
 
             try:
                 tokens = [TokenSeq(np.frombuffer(ids, dtype=np.int64), segment) for ids, segment in seqs]
-                future = self.engine.submit(name, version, tokens, deadline, gone)
+                trace = (int(link[0], 16), link[1]) if link else None  # the 128-bit trace id travels as hex
+                future = self.engine.submit(name, version, tokens, deadline, gone, trace)
             except Exception as exc:
                 self._queue_reply(identity, (rid, False, _error_of(exc)))
                 continue
@@ -208,7 +208,8 @@ def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection) -> N
                       [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orchestrates shutdown
     metrics = Metrics()
-    engine = Engine(settings, metrics, monitor_factory(settings, metrics))
+    tracing = setup_tracing()
+    engine = Engine(settings, metrics, monitor_factory(settings, metrics), tracing)
     try:
         engine.prepare()
     except Exception as exc:
@@ -228,7 +229,10 @@ def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection) -> N
 
     import uvloop
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    finally:
+        tracing.shutdown()
 
 
 def _exit_if_failed(task: asyncio.Task[None]) -> None:
@@ -246,7 +250,7 @@ async def _reload_quietly(engine: Any) -> None:
 
 
 # -- the API processes' side -------------------------------------------------------------------------------
-def _CALL() -> bool:  # noqa: N802 - a marker: this pending entry is a call, not an inference
+def _CALL() -> bool:
     return False
 
 
@@ -274,6 +278,7 @@ class RemoteEngine:
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _flush_scheduled: bool = False
     _known_generation: int = -1
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def start(self) -> None:
         import zmq
@@ -299,12 +304,19 @@ class RemoteEngine:
         """Admission is decided in the engine (a 429 comes back as the result)."""
 
     def submit(
-        self, name: str, version: str, seqs: Sequence[TokenSeq], deadline: float, gone: Callable[[], bool] | None
+        self,
+        name: str,
+        version: str,
+        seqs: Sequence[TokenSeq],
+        deadline: float,
+        gone: Callable[[], bool] | None,
+        link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Any]:
         rid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (future, gone)
-        self._outbox.append((rid, name, version, [(s.ids.tobytes(), s.segment) for s in seqs], deadline))
+        trace = (f"{link[0]:032x}", link[1]) if link else None
+        self._outbox.append((rid, name, version, [(s.ids.tobytes(), s.segment) for s in seqs], deadline, trace))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -355,7 +367,7 @@ class RemoteEngine:
             self.ready = ready
             if generation != self._known_generation:
                 self._known_generation = generation
-                asyncio.ensure_future(self._refresh())
+                self._spawn(self._refresh())
             for rid, ok, value in items:
                 entry = self._pending.pop(rid, None)
                 if entry is None or entry[0].done():
@@ -364,6 +376,11 @@ class RemoteEngine:
                     entry[0].set_result(self._result(value) if entry[1] is not _CALL else value)
                 else:
                     entry[0].set_exception(_rebuild_error(*value))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @staticmethod
     def _result(value: list[Any]) -> RemoteResult:
@@ -383,7 +400,7 @@ class RemoteEngine:
             now = time.monotonic()
             if now - last_ping > 0.25:  # carries the engine's generation and readiness back
                 last_ping = now
-                asyncio.ensure_future(self.call("ping"))
+                self._spawn(self.call("ping"))
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -414,7 +431,7 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int) -> None:
     lifecycle = Lifecycle(plane, None)
     lifecycle.hooks.insert(0, (client.start, client.stop))
     sock = reuseport_socket(settings.host, settings.port)
-    sys.exit(serve(settings, plane, metrics, lifecycle, sockets=[sock]))
+    sys.exit(serve(settings, plane, metrics, lifecycle, setup_tracing(), sockets=[sock]))
 
 
 # -- the supervisor ----------------------------------------------------------------------------------------
@@ -438,10 +455,10 @@ def supervise(settings: Settings) -> int:
     received: list[int] = []
 
     def on_signal(sig: int, _: Any) -> None:
-        received.append(sig)
+        received.append(int(sig))
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    for handled in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(handled, on_signal)
     try:
         engine.start()
         status = _wait_prepared(parent, engine)

@@ -48,7 +48,6 @@ class ModelMetrics:
         self.batch_padding = metrics.batch_padding.labels(*labels)
         self.queue_depth = metrics.queue_depth.labels(*labels)
         self.batch_failures = metrics.batch_failures.labels(*labels)
-        self.rejected_queue_full = metrics.rejected_queue_full
         self.rejected_deadline = metrics.rejected_deadline
         self.rejected_disconnected = metrics.rejected_disconnected
 
@@ -148,5 +147,5 @@ class Metrics:
         if directory is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=directory)
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged)

@@ -133,14 +133,14 @@ class ModelRuntime:
     def _run(self, feeds: dict[str, np.ndarray], solo: bool) -> np.ndarray:
         if not self.on_cuda:
             session = self.solo_session if solo and self.solo_session is not None else self.session
-            return session.run([self.output_name], feeds)[0]
+            return np.asarray(session.run([self.output_name], feeds)[0])
         # I/O binding: inputs copied to the device once, logits written straight back into host memory.
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output(self.output_name, "cpu")
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
 
     def warmup(self, max_batch_size: int, runs: int) -> float:
         """Run representative shapes so the first real requests do not pay for kernel and arena set-up."""

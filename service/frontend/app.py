@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -29,6 +29,7 @@ from service.frontend.lifecycle import Lifecycle
 from service.logs import new_request_id, valid_request_id
 from service.metrics import CONTENT_TYPE, Metrics
 from service.schemas import ErrorResponse, PredictRequest, PredictResponse, ReloadRequest
+from service.tracing import Tracing
 
 log = logging.getLogger("bertserve.api")
 
@@ -54,8 +55,9 @@ def request_id_of(request: Request) -> str:
     return given if given and valid_request_id(given) else new_request_id()
 
 
-def error_response(request: Request, message: str, kind: str, status: int, headers: dict[str, str] | None = None
-                   ) -> Response:  # fmt: skip
+def error_response(
+    request: Request, message: str, kind: str, status: int, headers: Mapping[str, str] | None = None
+) -> Response:
     """The native error shape, ``{"error", "type", "request_id"}``, with the id also as a header."""
     rid = request_id_of(request)
     return json_response({"error": message, "type": kind, "request_id": rid}, status,
@@ -109,7 +111,9 @@ def match_v2_infer(scope: Scope) -> dict[str, str] | None:
     return None
 
 
-def create_app(settings: Settings, plane: DataPlane, metrics: Metrics, lifecycle: Lifecycle) -> Front:
+def create_app(
+    settings: Settings, plane: DataPlane, metrics: Metrics, lifecycle: Lifecycle, tracing: Tracing | None = None
+) -> Front:
     """The whole HTTP application over a data plane; ``lifecycle`` runs at start-up and shutdown."""
 
     @contextlib.asynccontextmanager
@@ -128,7 +132,7 @@ def create_app(settings: Settings, plane: DataPlane, metrics: Metrics, lifecycle
     )
     api.state.plane = plane
     api.state.lifecycle = lifecycle
-    kit = Kit(settings, plane, metrics)
+    kit = Kit(settings, plane, metrics, tracing)
     front = Front(kit, api)
     register_errors(api, metrics)
     add_offline_docs(api)
@@ -190,13 +194,13 @@ def register_errors(api: FastAPI, metrics: Metrics) -> None:
 
 
 def add_health_routes(api: FastAPI, settings: Settings, plane: DataPlane, metrics: Metrics) -> None:
-    open_probe = {"responses": {401: ERROR_DOCS[401]}} if settings.auth_all else {}
+    probe_docs: dict[int | str, dict[str, Any]] = {401: ERROR_DOCS[401]} if settings.auth_all else {}
 
     def guard(request: Request) -> None:
         if settings.auth_all:
             authorize(dict(request.scope["headers"]), settings)
 
-    @api.get("/healthz", tags=["health"], **open_probe)
+    @api.get("/healthz", tags=["health"], responses=probe_docs)
     async def healthz(request: Request) -> Response:
         """Liveness: 200 while the process can answer."""
         guard(request)
@@ -257,12 +261,14 @@ def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: K
         top = documents[0] if len(documents) == 1 else {}
         return json_response({**top, "models": documents})
 
+    reload_docs: dict[int | str, dict[str, Any]] = {k: ERROR_DOCS[k] for k in (400, 401, 413, 422, 503)}
+    reload_docs[403] = {"model": ErrorResponse, "description": "no API key configured"}
+    reload_docs[409] = {"model": ErrorResponse, "description": "a reload is in progress"}
+
     @api.post(
         "/v1/admin/reload",
         tags=["admin"],
-        responses={k: ERROR_DOCS[k] for k in (400, 401, 413, 422, 503)}
-        | {403: {"model": ErrorResponse, "description": "no API key configured"},
-           409: {"model": ErrorResponse, "description": "a reload is in progress"}},
+        responses=reload_docs,
         openapi_extra={
             "requestBody": {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}
         },
@@ -283,8 +289,11 @@ def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: K
                 payload = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict) or set(payload) - {"model_dir", "variant"}:
+        if not isinstance(payload, dict):
             raise Unprocessable('body: expected {"model_dir": DIR or null, "variant": str or null}')
+        extra = sorted(set(payload) - {"model_dir", "variant"})
+        if extra:
+            raise Unprocessable("; ".join(f"{k}: Extra inputs are not permitted" for k in extra[:5]))
         for key in ("model_dir", "variant"):
             if payload.get(key) is not None and not isinstance(payload[key], str):
                 raise Unprocessable(f"{key}: expected a string or null")

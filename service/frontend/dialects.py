@@ -129,9 +129,9 @@ def tei_predict_handler(plane: DataPlane) -> Handler:
             raise Unprocessable("; ".join(f"{k}: unknown field" for k in extra))
         direction = payload.get("truncation_direction", "Right")
         if not isinstance(direction, str) or direction.lower() not in ("right", "left"):
-            raise Unprocessable("truncation_direction: expected \"Right\" or \"Left\"")
+            raise Unprocessable('truncation_direction: expected "Right" or "Left"')
         if direction.lower() == "left":
-            raise Unprocessable("truncation_direction: only \"Right\" is supported")
+            raise Unprocessable('truncation_direction: only "Right" is supported')
         native = {k: payload[k] for k in ("inputs", "raw_scores") if k in payload}
         native["truncate"] = False if payload.get("truncate") is None else payload["truncate"]
         args = parse_predict(native, view.pair)
@@ -176,8 +176,10 @@ def vllm_classify_handler(plane: DataPlane) -> Handler:
             raise Unprocessable(f"input: expected a text or a list of texts, not {_kind(given)}")
         cut = payload.get("truncate_prompt_tokens")
         if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut not in (-1, view.max_length)):
-            raise Unprocessable(f"truncate_prompt_tokens: expected null, -1 or the model's max length "
-                                f"{view.max_length} (truncation to fewer tokens is not supported), not {cut!r}"[:200])
+            raise Unprocessable(
+                f"truncate_prompt_tokens: expected null, -1 or the model's max length "
+                f"{view.max_length} (truncation to fewer tokens is not supported), not {cut!r}"[:200]
+            )
         result = await plane.infer(view, texts, None, truncate=cut is not None, gone=ctx.gone, timing=ctx.timing)
         tokens = sum(len(seq) for seq in view.encoder.encode(texts, None, True))
         return Reply(encode_vllm(result, view.name, tokens), timed=True)
@@ -202,12 +204,26 @@ def encode_vllm(result: InferResult, model: str, tokens: int) -> bytes:
 
 
 # -- registration ----------------------------------------------------------------------------------------------
-TEI_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
-    "inputs": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                         {"type": "array", "items": {"type": "array", "items": {"type": "string"},
-                                                     "minItems": 2, "maxItems": 2}}]},
-    "truncate": {"type": "boolean", "default": False}, "raw_scores": {"type": "boolean", "default": False},
-    "truncation_direction": {"type": "string", "enum": ["Right", "right"]}, "model": {"type": "string"}}}
+TEI_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "inputs": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+                },
+            ]
+        },
+        "truncate": {"type": "boolean", "default": False},
+        "raw_scores": {"type": "boolean", "default": False},
+        "truncation_direction": {"type": "string", "enum": ["Right", "right"]},
+        "model": {"type": "string"},
+    },
+}
 VLLM_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "model": {"type": "string"},
     "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},

@@ -15,8 +15,10 @@ deadline, and every ServeError becomes its gRPC status code (errors.py's table: 
 RESOURCE_EXHAUSTED for 413/429, UNAVAILABLE while loading or draining, DEADLINE_EXCEEDED, ...).
 
 The server listens on ``grpc_port`` (0: off) with SO_REUSEPORT (so several API processes share the port, like
-the HTTP listener), starts and stops with the HTTP server through the lifecycle hooks; on SIGTERM new calls get
-UNAVAILABLE at once and ``server.stop(grace)`` lets the calls in flight finish.
+the HTTP listener), and starts and stops with the HTTP server through the lifecycle hooks. On SIGTERM it drains as
+HTTP does: ServerReady turns false at once, calls are still answered during ``drain_delay_s`` (load balancers see
+the pod leave first), then ``server.stop(drain_timeout_s)`` refuses new calls (UNAVAILABLE) and lets those in
+flight finish before the engine closes.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from service.errors import (
 )
 from service.logs import log_access, new_request_id, request_id, valid_request_id
 from service.metrics import Metrics
+from service.tracing import RequestSpan, Tracing
 
 log = logging.getLogger("bertserve.http")
 
@@ -61,6 +62,7 @@ class Ctx:
     timing: Timing
     gone: Callable[[], bool] | None
     params: dict[str, str] = field(default_factory=dict)  # path parameters
+    span: RequestSpan | None = None  # the request's trace span, when tracing is on
 
 
 @dataclass(slots=True)
@@ -146,8 +148,9 @@ def loads(body: bytes, what: str = "request body") -> Any:
 class Kit:
     """Runs hot handlers: the one place a hot request is timed, counted, logged, answered or failed."""
 
-    def __init__(self, settings: Settings, plane: DataPlane, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, plane: DataPlane, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
         self.plane = plane
         self.metrics = metrics
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -184,6 +187,11 @@ class Kit:
         rid = rid or new_request_id()
         token = request_id.set(rid)
         ctx = Ctx(scope, receive, headers, rid, timing, probe(receive), params or {})
+        if self.tracing is not None:
+            ctx.span = self.tracing.request_span(
+                f"{scope.get('method', '')} {endpoint}", scope["headers"],
+                {"http.route": endpoint, "bertserve.request_id": rid},
+            )  # fmt: skip
         self._inflight.inc()
         try:
             try:
@@ -195,6 +203,8 @@ class Kit:
                 reply = Reply(error_shape(exc, rid), exc.status, extra)
             except Disconnected:  # counted where it was found; nothing to answer
                 self._observe(endpoint, 499, timing.total_s())
+                if ctx.span is not None:
+                    ctx.span.end(499, "client went away")
                 log.debug("client went away before its answer was ready")
                 return
             except Exception:
@@ -211,6 +221,8 @@ class Kit:
             await send({"type": "http.response.body", "body": reply.body})
             seconds = timing.total_s()
             self._observe(endpoint, reply.status, seconds)
+            if ctx.span is not None:
+                ctx.span.end(reply.status, None if reply.status < 400 else str(reply.status))
             if ctx.gone is not None and reply.status < 300 and ctx.gone():
                 self._rejected["disconnected"].inc()  # computed, but nobody was there to read it
             if self.access_log:

@@ -145,7 +145,7 @@ def predict_handler(plane: DataPlane) -> Any:
         args = parse_predict(payload, view.pair)
         result = await plane.infer(
             view, args.texts, args.pairs, truncate=args.truncate, timeout_s=args.timeout_s, gone=ctx.gone,
-            timing=ctx.timing,
+            timing=ctx.timing, span=ctx.span,
         )  # fmt: skip
         return Reply(encode_predictions(result, args.top_k, args.raw_scores), timed=True)
 

@@ -255,7 +255,7 @@ def infer_handler(plane: DataPlane) -> Any:
         requested = requested_outputs(req)
         truncate, timeout = infer_options(req)
         result = await plane.infer(
-            view, texts, pairs, truncate=truncate, timeout_s=timeout, gone=ctx.gone, timing=ctx.timing
+            view, texts, pairs, truncate=truncate, timeout_s=timeout, gone=ctx.gone, timing=ctx.timing, span=ctx.span
         )
         header, chunks = encode_outputs(req, result, requested)
         head = orjson.dumps(header)

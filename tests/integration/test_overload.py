@@ -276,7 +276,7 @@ def test_a_failing_batch_fails_only_its_own_requests(start_server: Any, mismatch
     r = client.post("/v1/predict", json={"inputs": BAD_TEXTS[0]})
     assert r.status_code == 500, r.text
     assert r.headers["content-type"].startswith("application/json")
-    assert set(r.json()) == {"error", "type"} and r.json()["type"] == "inference_failed"
+    assert set(r.json()) == {"error", "type", "request_id"} and r.json()["type"] == "inference_failed"
     assert "inference failed" in r.json()["error"]
     assert client.post("/v1/predict", json={"inputs": GOOD_TEXTS[0]}).status_code == 200
     assert server.metric("bertserve_batch_failures_total") == 1
