@@ -11,12 +11,15 @@ wrk (C, one thread, so the load generator takes one core and little CPU per requ
    tool measures the server before and after issue 12; ``--grpc-port 0`` likewise, so no fixed port is needed).
 
 For each server, texts per request (``--texts``, default 1 and 8) and concurrency (``--concurrency``, default
-1, 64, 256): req/s, inputs/s, p50/p90/p99 latency, errors by kind (connect, read, write, timeout, and HTTP
-status > 399, which wrk counts as "status"), wrk's own CPU, and the server's CPU per completed request read from
-``/proc`` before and after the run: per process (the server and all its descendants: API workers, engine) and
-per thread group (thread name from ``/proc/PID/task/TID/comm``). The main thread of every process that holds the
-listening socket is reported as the event loop; other threads by name (an unnamed Python thread shows its
-process's name, marked "unnamed").
+1, 64, 256): req/s and inputs/s (responses with status < 400 only), p50/p90/p99 latency, errors by kind
+(connect, read, write, timeout, and HTTP status > 399, which wrk counts as "status"), wrk's own CPU, and the
+server's CPU per completed request read from ``/proc`` before and after the run: per process (the server and
+all its descendants: API workers, engine) and per thread group (thread name from
+``/proc/PID/task/TID/comm``). The main thread of every process that holds the listening socket is reported as
+the event loop; other threads by name (an unnamed Python thread shows its process's name, marked "unnamed").
+
+CPU is divided by every completed response (a 429 costs CPU too). bertserve gets BERTSERVE_MAX_QUEUE large
+enough for every in-flight text (``--max-queue``), so c=256 with 8 texts measures the path, not 429s.
 
 Ratios are bertserve / reference (the reference's first ``--reference-workers`` value, 1 by default) per (texts
 per request, concurrency, API workers); API-worker scaling is bertserve(w) / bertserve(first w).
@@ -351,6 +354,17 @@ def targets(cfg: Config, flags: set[str]) -> tuple[list[Target], list[str]]:
     return out, notes
 
 
+def bertserve_env(cfg: Config) -> dict[str, str]:
+    """Settings the tool gives bertserve: a queue that holds every sequence the closed loop can have in flight
+    (``--max-queue``, default 2 x max concurrency x max texts, at least 1024), so that each point measures
+    the request path and not admission control (256 clients x 8 texts overflow the default 1024 with 429s).
+    A BERTSERVE_MAX_QUEUE already in the environment wins."""
+    if "BERTSERVE_MAX_QUEUE" in os.environ:
+        return {}
+    queue = cfg.max_queue or max(1024, 2 * max(cfg.concurrency) * max(cfg.texts))
+    return {"BERTSERVE_MAX_QUEUE": str(queue)}
+
+
 def make_server(target: Target, cfg: Config, model_dir: Path, work: Path) -> RootedServer:
     port = free_port()
     log = work / f"{target.kind}-w{target.workers}.log"
@@ -359,7 +373,7 @@ def make_server(target: Target, cfg: Config, model_dir: Path, work: Path) -> Roo
         return RootedServer(f"reference w={target.workers}", argv, port, log, cwd=ROOT)
     argv = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1"]
     argv += ["--port", str(port), *target.argv_extra]
-    return RootedServer(f"bertserve w={target.workers}", argv, port, log, cwd=cfg.server_root)
+    return RootedServer(f"bertserve w={target.workers}", argv, port, log, env=bertserve_env(cfg), cwd=cfg.server_root)
 
 
 @contextlib.contextmanager
@@ -397,6 +411,7 @@ class Config:
     api_workers: list[int] = field(default_factory=lambda: [1, 2])
     reference_workers: list[int] = field(default_factory=lambda: [1])
     wrk_timeout: float = 5.0
+    max_queue: int = 0
     ready_timeout: float = 180.0
     work_dir: Path | None = None
     json_path: Path | None = None
@@ -425,14 +440,17 @@ def measure(server: RootedServer, body: Path, texts: int, concurrency: int, cfg:
     requests = int(wrk["requests"])
     seconds = max(wrk["duration_us"], 1) / 1e6
     errors = {k: int(wrk["errors"].get(k, 0)) for k in ERROR_KINDS}
+    ok = max(requests - errors["status"], 0)  # wrk counts a response with status > 399 in both
     lat = wrk.get("latency_us", {})
     return {
         "texts_per_request": texts,
         "concurrency": concurrency,
         "duration_s": round(seconds, 3),
         "requests": requests,
-        "rps": round(requests / seconds, 1),
-        "inputs_per_s": round(requests * texts / seconds, 1),
+        "ok_requests": ok,
+        "rps": round(ok / seconds, 1),
+        "responses_per_s": round(requests / seconds, 1),
+        "inputs_per_s": round(ok * texts / seconds, 1),
         "errors": errors | {"total": sum(errors.values())},
         "latency_ms": {k: round(lat[k] / 1000, 3) for k in ("p50", "p90", "p99", "p999", "mean", "max") if k in lat},
         "wrk": {
@@ -572,6 +590,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "reference_workers": cfg.reference_workers,
             "wrk_threads": 1,
             "wrk_timeout_s": cfg.wrk_timeout,
+            "bertserve_env": bertserve_env(cfg),
+            "bertserve_env_inherited": {k: v for k, v in os.environ.items() if k.startswith("BERTSERVE_")},
             "work_dir": str(work),
         },
         "notes": notes,
@@ -721,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-workers", type=_ints, default=[1, 2], help="bertserve --api-workers values")
     p.add_argument("--reference-workers", type=_ints, default=[1], help="reference app worker processes")
     p.add_argument("--wrk-timeout", type=float, default=5.0, help="wrk --timeout: slower responses are errors")
+    p.add_argument(
+        "--max-queue", type=int, default=0, help="BERTSERVE_MAX_QUEUE for bertserve (0: fit every in-flight text)"
+    )
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--work-dir", type=Path, help="logs, bodies and the tiny bundle (default: a new temp dir)")
     p.add_argument("--json", type=Path, dest="json_path", help="write the report here")

@@ -97,7 +97,7 @@ def test_frontend_smoke(tiny_bundle: Path, tmp_path: Path) -> None:
         (s, n, c) for s in ("reference", "bertserve") for n in (1, 8) for c in (1, 4)
     }
     for r in runs:
-        assert r["requests"] > 0 and r["rps"] > 0, r
+        assert r["requests"] > 0 and r["rps"] > 0 and r["ok_requests"] == r["requests"], r
         assert r["inputs_per_s"] == pytest.approx(r["rps"] * r["texts_per_request"], rel=0.01)
         assert set(r["errors"]) == {*ERROR_KINDS, "total"} and r["errors"]["total"] == 0, r["errors"]
         assert {"p50", "p99"} <= set(r["latency_ms"]), r["latency_ms"]
