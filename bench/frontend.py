@@ -236,6 +236,13 @@ def cpu_per_request(before: dict[int, ProcCPU], after: dict[int, ProcCPU], reque
     }
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine from /proc/stat, to see what else ran during a point."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
 # -- wrk -----------------------------------------------------------------------------------------------
 def wrk_available() -> str | None:
     return shutil.which("wrk")
@@ -435,13 +442,19 @@ def measure(server: RootedServer, body: Path, texts: int, concurrency: int, cfg:
         raise ServerError(f"{server.name} is not running")
     wait_idle(server.pid, server.port)
     before = snapshot(server.pid, server.port)
+    host_before = host_cpu_ticks()
     wrk = run_wrk(server.base_url + "/v1/predict", body, concurrency, cfg.duration, cfg.wrk_timeout)
+    host_after = host_cpu_ticks()
     after = snapshot(server.pid, server.port)
     requests = int(wrk["requests"])
     seconds = max(wrk["duration_us"], 1) / 1e6
     errors = {k: int(wrk["errors"].get(k, 0)) for k in ERROR_KINDS}
     ok = max(requests - errors["status"], 0)  # wrk counts a response with status > 399 in both
     lat = wrk.get("latency_us", {})
+    server_cpu = cpu_per_request(before, after, requests, server.pid)
+    busy_cores = (host_after[0] - host_before[0]) / CLK_TCK / seconds
+    server_cores = server_cpu["total_ms_per_request"] * requests / 1000 / seconds
+    wrk_cores = wrk["cpu_seconds"] / seconds
     return {
         "texts_per_request": texts,
         "concurrency": concurrency,
@@ -459,7 +472,14 @@ def measure(server: RootedServer, body: Path, texts: int, concurrency: int, cfg:
             "cpu_seconds": wrk["cpu_seconds"],
             "cpu_ms_per_request": round(wrk["cpu_seconds"] * 1000 / max(requests, 1), 4),
         },
-        "server_cpu": cpu_per_request(before, after, requests, server.pid),
+        "server_cpu": server_cpu,
+        "host_cpu": {
+            # other = what neither the server nor wrk used: other tenants of a shared machine, this tool
+            "busy_cores": round(busy_cores, 2),
+            "server_cores": round(server_cores, 2),
+            "wrk_cores": round(wrk_cores, 2),
+            "other_cores": round(max(busy_cores - server_cores - wrk_cores, 0.0), 2),
+        },
     }
 
 
@@ -616,7 +636,7 @@ def _row_text(r: dict[str, Any]) -> str:
 def format_report(report: dict[str, Any]) -> str:
     head = (
         f"{'server':<9} {'w':>2} {'n':>2} {'c':>4} {'req/s':>9} {'inputs/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
-        f" {'errors':>6} {'cpu/req':>8} {'api/req':>8} {'loop/req':>8} {'wrk/req':>8} {'ratio':>6}"
+        f" {'errors':>6} {'cpu/req':>8} {'api/req':>8} {'loop/req':>8} {'wrk/req':>8} {'other':>5} {'ratio':>6}"
     )
     ratio_of = {
         (x["texts_per_request"], x["concurrency"], x["api_workers"]): x["ratio"]
@@ -636,8 +656,10 @@ def format_report(report: dict[str, Any]) -> str:
             f" {r['errors']['total']:>6} {r['server_cpu']['total_ms_per_request']:>8.3f}"
             f" {r['server_cpu']['api_processes_ms_per_request']:>8.3f}"
             f" {r['server_cpu']['event_loop_ms_per_request']:>8.3f} {r['wrk']['cpu_ms_per_request']:>8.3f}"
+            f" {r['host_cpu']['other_cores']:>5.2f}"
             f" {'' if ratio is None else f'{ratio:.3f}':>6}"
         )
+    lines.append("(cpu/api/loop/wrk: CPU ms per request; other: cores busy with neither server nor wrk)")
     lines.append("")
     lines.append("server CPU ms per request by thread group (all processes):")
     for r in report["runs"]:
