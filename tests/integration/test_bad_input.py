@@ -214,6 +214,22 @@ BAD_INPUTS: list[Bad] = [
     v2_binary(binary_header(8), bytes_tensor(b"\xff\xfe\xfd\xfc"), 400, "UTF-8", id="v2-bin-invalid-utf8"),
     v2_binary(binary_header(9), bytes_tensor(b"ab\x00cd"), 422, "NUL", id="v2-bin-nul-byte"),
     v2_binary(binary_header(len(OK_BIN), shape=[2]), OK_BIN, 400, "shape", id="v2-bin-count-mismatch"),
+    # -- Triton's extensions: model configuration, statistics, repository (service/frontend/triton.py) --------
+    Bad("triton-config-unknown-model", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope/config"),
+    Bad("triton-config-unknown-version", b"", 404, ("no version",), method="GET",
+        path=f"/v2/models/{MODEL}/versions/9/config"),
+    Bad("triton-stats-unknown-model", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope/stats"),
+    Bad("triton-stats-unknown-version", b"", 404, ("no version",), method="GET",
+        path=f"/v2/models/{MODEL}/versions/9/stats"),
+    Bad("triton-index-invalid-json", b"{nope", 400, ("not valid JSON",), path="/v2/repository/index"),
+    Bad("triton-index-body-array", b"[]", 400, ("JSON object",), path="/v2/repository/index"),
+    Bad("triton-index-ready-not-bool", j({"ready": "yes"}), 400, ("ready",), path="/v2/repository/index"),
+    Bad("triton-load-without-repository", b"", 422, ("MODEL_REPOSITORY",),
+        path=f"/v2/repository/models/{MODEL}/load"),
+    Bad("triton-unload-without-repository", b"", 422, ("MODEL_REPOSITORY",),
+        path="/v2/repository/models/nope/unload"),
+    Bad("triton-load-wrong-method", b"", 405, ("method not allowed",), method="GET",
+        path=f"/v2/repository/models/{MODEL}/load"),
 ]
 
 

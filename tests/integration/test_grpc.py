@@ -222,7 +222,7 @@ def test_bad_metadata_requests_and_survival(server: Server, stub: Any) -> None:
         (stub.ModelConfig, pb.ModelConfigRequest(name=MODEL, version="9"), "NOT_FOUND"),
         (stub.ModelStatistics, pb.ModelStatisticsRequest(name="nope"), "NOT_FOUND"),
         (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name=MODEL), "INVALID_ARGUMENT"),
-        (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="nope"), "NOT_FOUND"),
+        (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name=MODEL), "INVALID_ARGUMENT"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             call(request, metadata=META, timeout=10)

@@ -59,6 +59,12 @@ def test_two_models_served_listed_unloaded_and_reloaded(start_server: Any, repos
     assert [(e["name"], e["version"], e["state"]) for e in index] == [("alpha", "1", "READY"), ("beta", "3", "READY")]
     assert {s["name"] for s in server.client.get("/v2/models/stats").json()["model_stats"]} == {"alpha", "beta"}
 
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="not loaded"):
+        triton(server).unload_model("nope", headers=dict(AUTH))
+    with pytest.raises(InferenceServerException, match="not in the repository"):
+        triton(server).load_model("nope", headers=dict(AUTH))
     triton(server).unload_model("alpha", headers=dict(AUTH))
     assert v2_infer(server.client, "alpha", "x").status_code == 404
     assert not triton(server).is_model_ready("alpha")
