@@ -71,6 +71,8 @@ class EngineClient(Protocol):
 
     async def repository_index(self) -> list[RepositoryEntry]: ...
 
+    async def refresh(self) -> None: ...
+
 
 class LocalEngine:
     """The engine in this process (one API process): submitting is a method call, results are the Jobs."""
@@ -119,6 +121,9 @@ class LocalEngine:
 
     async def repository_index(self) -> list[RepositoryEntry]:
         return sorted(self.engine.index.values(), key=lambda e: e.name)
+
+    async def refresh(self) -> None:
+        """The model table is read straight from the engine: always current."""
 
 
 @dataclass(frozen=True)
@@ -322,6 +327,7 @@ class DataPlane:
             except Draining:
                 if self.draining:
                     raise
+                await self.engine.refresh()  # the engine may be in another process: ask for its table
                 current = self.latest().get(view.name)
                 if current is None or current is view:
                     raise

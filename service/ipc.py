@@ -82,7 +82,7 @@ def _rebuild_error(name: str, message: str, retry: int) -> BaseException:
 class EngineServer:
     """The engine process's loop: requests in from every API process, results back in per-round messages."""
 
-    def __init__(self, engine: Any, path: str) -> None:
+    def __init__(self, engine: Any, path: str, api_workers: int) -> None:
         import zmq
         import zmq.asyncio
 
@@ -94,6 +94,13 @@ class EngineServer:
         self._outbox: dict[bytes, list[Any]] = {}
         self._flush_scheduled = False
         self._cancelled: set[tuple[bytes, int]] = set()
+        # Readiness is global: every API process reports once it has the model table; the server is ready
+        # (in every process) only when the engine is and all of them have.
+        self.api_workers = api_workers
+        self.apis_ready: set[int] = set()
+
+    def state(self) -> tuple[int, bool]:
+        return self.engine.generation, self.engine.ready and len(self.apis_ready) >= self.api_workers
 
     def _queue_reply(self, identity: bytes, item: Any) -> None:
         self._outbox.setdefault(identity, []).append(item)
@@ -104,7 +111,7 @@ class EngineServer:
     def _flush(self) -> None:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, {}
-        state = (self.engine.generation, self.engine.ready)
+        state = self.state()
         for identity, items in outbox.items():
             self.socket.send_multipart([identity, _dumps(("results", state, items))], copy=False)
 
@@ -148,7 +155,7 @@ class EngineServer:
     async def _dispatch(self, method: str, args: tuple[Any, ...]) -> Any:
         e = self.engine
         if method == "descriptors":
-            return [asdict(d) for d in e.descriptors()]
+            return [e.generation, [asdict(d) for d in e.descriptors()]]
         if method == "stats":
             return [[name, version, stats] for (name, version), stats in e.stats().items()]
         if method == "index":
@@ -165,6 +172,9 @@ class EngineServer:
             model_dir, variant = args
             return asdict(await e.reload(Path(model_dir) if model_dir else None, variant))
         if method == "ping":
+            return None
+        if method == "api_ready":
+            self.apis_ready.add(int(args[0]))
             return None
         raise errors.BadRequest(f"unknown engine call {method!r}")
 
@@ -218,7 +228,7 @@ def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection) -> N
     conn.send(("prepared", None))
 
     async def main() -> None:
-        server = EngineServer(engine, path)
+        server = EngineServer(engine, path, settings.api_workers)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -269,6 +279,7 @@ class RemoteEngine:
     """The engine as an API process sees it over IPC (implements service.core.EngineClient)."""
 
     path: str
+    index: int = 0  # this API process's number, for the readiness report
     generation: int = -1
     ready: bool = False
     _descriptors: list[ModelDescriptor] = field(default_factory=list)
@@ -279,6 +290,7 @@ class RemoteEngine:
     _flush_scheduled: bool = False
     _known_generation: int = -1
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    _reported: bool = False
 
     async def start(self) -> None:
         import zmq
@@ -355,10 +367,17 @@ class RemoteEngine:
         return [RepositoryEntry(**entry) for entry in await self.call("index")]
 
     # internals
+    async def refresh(self) -> None:
+        """Fetch the engine's model table now (after a Draining answer: a reload retired a version)."""
+        await self._refresh()
+
     async def _refresh(self) -> None:
-        generation = self._known_generation
-        self._descriptors = [ModelDescriptor(**d) for d in await self.call("descriptors")]
-        self.generation = generation  # the table matches the generation seen before asking for it
+        generation, descriptors = await self.call("descriptors")
+        self._descriptors = [ModelDescriptor(**d) for d in descriptors]
+        self.generation = generation
+        if self._descriptors and not self._reported:
+            self._reported = True
+            await self.call("api_ready", self.index)
 
     async def _receive(self) -> None:
         while True:
@@ -426,7 +445,7 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int) -> None:
     configure_logging(settings.log_level, settings.log_format,
                       [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
     metrics = Metrics()
-    client = RemoteEngine(path)
+    client = RemoteEngine(path, index)
     plane = DataPlane(settings, client, metrics)
     lifecycle = Lifecycle(plane, None)
     lifecycle.hooks.insert(0, (client.start, client.stop))
@@ -484,8 +503,9 @@ def supervise(settings: Settings) -> int:
                 for proc in apis:
                     if proc.is_alive():
                         os.kill(proc.pid or 0, signal.SIGTERM)
-            if ready and not stopping:
-                dead = next(p for p in (engine, *apis) if not p.is_alive())
+            # a killed child's sentinel turns readable a moment before it can be reaped: wait for is_alive()
+            dead = next((p for p in (engine, *apis) if not p.is_alive()), None) if ready else None
+            if dead is not None and not stopping:
                 log.critical("%s (pid %s) exited unexpectedly with status %s; stopping the server",
                              dead.name, dead.pid, dead.exitcode)  # fmt: skip
                 _terminate([engine, *apis])
