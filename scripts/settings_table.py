@@ -37,6 +37,11 @@ def _default(field: FieldInfo) -> str:
     return str(value)
 
 
+def _summary(description: str) -> str:
+    """The description's first clause (up to ``;``): the README stays a front door; ``--help`` has the rest."""
+    return description.split(";")[0].strip()
+
+
 def _cell(text: str) -> str:
     """One markdown table cell: no newlines, pipes escaped."""
     return " ".join(text.split()).replace("|", "\\|")
@@ -57,7 +62,7 @@ def settings_table() -> str:
     ]
     for name, field in Settings.model_fields.items():
         env = f"{prefix}{name.upper()}"
-        rows.append(f"| `{env}` | `{_cell(_default(field))}` | {_cell(field.description or '')} |")
+        rows.append(f"| `{env}` | `{_cell(_default(field))}` | {_cell(_summary(field.description or ''))} |")
     return "\n".join(rows) + "\n"
 
 

@@ -31,6 +31,9 @@ def monitor_factory(settings: Settings, metrics: Metrics) -> Any:
     """PredictionMonitor per model (prediction metrics and drift), registered with this process's metrics."""
     from service.monitoring import PredictionMonitor
 
+    if not settings.monitoring:
+        return None
+
     def make(bundle: Any, head: Any) -> Any:
         registry = None if metrics.multiprocess else metrics.registry
         reference = getattr(bundle.manifest, "reference", None)

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(
         5.0, gt=0, description="idle keep-alive connections are closed after this; also while draining"
     )
+    monitoring: bool = Field(
+        True, description="prediction metrics and drift PSI per model (off only to measure what they cost)"
+    )
     drift_window: int = Field(2000, ge=10, description="recent predictions per model that drift PSI compares")
     low_margin: float = Field(
         0.1, ge=0, le=1, description="top-1 minus top-2 score below which a prediction counts as low-margin"

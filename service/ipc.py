@@ -98,6 +98,8 @@ class EngineServer:
         # (in every process) only when the engine is and all of them have.
         self.api_workers = api_workers
         self.apis_ready: set[int] = set()
+        self._peers: set[bytes] = set()  # every API process that has written to us
+        self._announced: tuple[int, bool] | None = None
 
     def state(self) -> tuple[int, bool]:
         return self.engine.generation, self.engine.ready and len(self.apis_ready) >= self.api_workers
@@ -112,6 +114,10 @@ class EngineServer:
         self._flush_scheduled = False
         outbox, self._outbox = self._outbox, {}
         state = self.state()
+        if state != self._announced:  # readiness or the model table changed: tell every API process at once
+            self._announced = state
+            for identity in self._peers:
+                outbox.setdefault(identity, [])
         for identity, items in outbox.items():
             self.socket.send_multipart([identity, _dumps(("results", state, items))], copy=False)
 
@@ -145,6 +151,7 @@ class EngineServer:
             future.add_done_callback(lambda f, rid=rid: self._done(identity, rid, f))
 
     async def _call(self, identity: bytes, rid: int, method: str, args: tuple[Any, ...]) -> None:
+        self._peers.add(identity)
         try:
             value = await self._dispatch(method, args)
         except Exception as exc:
@@ -206,13 +213,30 @@ class EngineServer:
         self.context.term()
 
 
-def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, however it dies (even SIGKILL): no orphans.
+
+    Linux's PR_SET_PDEATHSIG; the parent check closes the race of a supervisor that died before the call.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's own shutdown still stops the children
+        return
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection, parent: int) -> None:
     """The engine process: prepare every model (a bad bundle stops the server before it listens), then serve."""
     from service.__main__ import monitor_factory
     from service.engine import Engine
     from service.logs import configure_logging
     from service.metrics import Metrics
 
+    die_with_parent(parent)
     settings = Settings(**settings_dump)
     configure_logging(settings.log_level, settings.log_format,
                       [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
@@ -433,7 +457,7 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def api_main(settings_dump: dict[str, Any], path: str, index: int) -> None:
+def api_main(settings_dump: dict[str, Any], path: str, index: int, parent: int) -> None:
     """One API process: HTTP (+ gRPC) front end over a RemoteEngine."""
     from service.__main__ import serve
     from service.core import DataPlane
@@ -441,6 +465,7 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int) -> None:
     from service.logs import configure_logging
     from service.metrics import Metrics
 
+    die_with_parent(parent)
     settings = Settings(**settings_dump)
     configure_logging(settings.log_level, settings.log_format,
                       [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
@@ -469,7 +494,8 @@ def supervise(settings: Settings) -> int:
     dump = settings.model_dump()
     spawn = multiprocessing.get_context("spawn")
     parent, child = spawn.Pipe()
-    engine = spawn.Process(target=engine_main, args=(dump, path, child), name="bertserve-engine")
+    me = os.getpid()
+    engine = spawn.Process(target=engine_main, args=(dump, path, child, me), name="bertserve-engine")
     stopping = False
     received: list[int] = []
 
@@ -484,7 +510,7 @@ def supervise(settings: Settings) -> int:
         if status is not None:
             return status
         apis = [
-            spawn.Process(target=api_main, args=(dump, path, i), name=f"bertserve-api-{i}")
+            spawn.Process(target=api_main, args=(dump, path, i, me), name=f"bertserve-api-{i}")
             for i in range(settings.api_workers)
         ]
         for proc in apis:

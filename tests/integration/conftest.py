@@ -34,6 +34,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
         env.update({f"BERTSERVE_{k.upper()}": str(v) for k, v in settings.items()})
         env["BERTSERVE_WARMUP_RUNS"] = env.get("BERTSERVE_WARMUP_RUNS", "1")
+        env.setdefault("BERTSERVE_GRPC_PORT", "0")  # gRPC only where a test asks for it: no shared port 8001
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(

@@ -195,3 +195,14 @@ def test_bad_bundle_with_two_api_workers_never_listens(start_server: Any, tmp_pa
     server = start_server(model_dir=tmp_path / "missing", wait_ready=False, api_workers=2)
     assert server.proc.wait(30) == 2
     assert "cannot start" in server.log()
+
+
+def test_killing_the_supervisor_takes_its_children_with_it(start_server: Any) -> None:
+    """SIGKILL leaves the supervisor no chance to clean up: the kernel's parent-death signal stops the rest."""
+    server = start_server(api_workers=2)
+    children = workers(server)
+    assert len(children) == 3
+    server.proc.kill()
+    server.proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
