@@ -204,5 +204,5 @@ def test_killing_the_supervisor_takes_its_children_with_it(start_server: Any) ->
     assert len(children) == 3
     server.proc.kill()
     server.proc.wait(10)
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
