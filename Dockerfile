@@ -41,9 +41,9 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, in their own layer: a code change does not reinstall onnxruntime.
-COPY pyproject.toml README.md deploy/docker/requirements.py ./
+COPY pyproject.toml README.md deploy/docker/requirements.py requirements/service.lock ./
 RUN python requirements.py --flavor gpu pyproject.toml > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt
+ && pip install --no-cache-dir -c service.lock -r requirements.txt
 # Only service/ is copied: training/ (and torch) never reach the image.
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps . \
@@ -56,9 +56,9 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md deploy/docker/requirements.py ./
+COPY pyproject.toml README.md deploy/docker/requirements.py requirements/service.lock ./
 RUN python requirements.py --flavor cpu pyproject.toml > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt
+ && pip install --no-cache-dir -c service.lock -r requirements.txt
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps . \
  && python -c "import service.config, onnxruntime; print('onnxruntime', onnxruntime.__version__)"
