@@ -99,6 +99,7 @@ class EngineServer:
         self.api_workers = api_workers
         self.apis_ready: set[int] = set()
         self._peers: set[bytes] = set()  # every API process that has written to us
+        self.listeners_closed: set[int] = set()
         self._announced: tuple[int, bool] | None = None
 
     def state(self) -> tuple[int, bool]:
@@ -183,6 +184,11 @@ class EngineServer:
         if method == "api_ready":
             self.apis_ready.add(int(args[0]))
             return None
+        if method == "listener_closed":  # the drain barrier (service/frontend/lifecycle.py, DrainGate)
+            self.listeners_closed.add(int(args[0]))
+            return len(self.listeners_closed) >= self.api_workers
+        if method == "listeners_all_closed":
+            return len(self.listeners_closed) >= self.api_workers
         raise errors.BadRequest(f"unknown engine call {method!r}")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -391,6 +397,14 @@ class RemoteEngine:
         return [RepositoryEntry(**entry) for entry in await self.call("index")]
 
     # internals
+    async def drain_barrier(self, timeout_s: float = 5.0) -> None:
+        """Report this process's listener closed; return once every API process's is (or after timeout_s)."""
+        deadline = time.monotonic() + timeout_s
+        done = await self.call("listener_closed", self.index)
+        while not done and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            done = await self.call("listeners_all_closed")
+
     async def refresh(self) -> None:
         """Fetch the engine's model table now (after a Draining answer: a reload retired a version)."""
         await self._refresh()
@@ -474,6 +488,9 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int, parent: int) 
     plane = DataPlane(settings, client, metrics)
     lifecycle = Lifecycle(plane, None)
     lifecycle.hooks.insert(0, (client.start, client.stop))
+    from service.frontend.lifecycle import GATE
+
+    GATE.barrier = client.drain_barrier
     sock = reuseport_socket(settings.host, settings.port)
     sys.exit(serve(settings, plane, metrics, lifecycle, setup_tracing(), sockets=[sock]))
 

@@ -40,12 +40,55 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+class DrainGate:
+    """When connections may start closing: at once with one process; with several, only after every API
+    process has closed its listener.
+
+    With SO_REUSEPORT each API process has its own listener, and Linux resets the connections still in a
+    listener's accept queue when it closes. A client told ``Connection: close`` by one process reconnects at
+    once; if another process's listener is still open the connect succeeds, and when that listener closes a
+    moment later the request already sent on it is reset. So connections are closed only once no listener
+    is left: reconnects are then refused, never reset. Until then they are served with keep-alive as usual.
+    """
+
+    def __init__(self) -> None:
+        self.released = True
+        self.pending: list[GracefulHttpToolsProtocol] = []
+        # set by an API process: report our listener closed, wait for the others (the engine counts)
+        self.barrier: Callable[[], Awaitable[None]] | None = None
+
+    def hold(self) -> None:
+        self.released = self.barrier is None
+
+    async def release_after_barrier(self) -> None:
+        if self.barrier is not None:
+            try:
+                await self.barrier()
+            except Exception as exc:  # the engine is gone: nothing left to wait for
+                log.warning("drain barrier failed (%s); closing connections now", exc)
+        self.released = True
+        pending, self.pending = self.pending, []
+        for protocol in pending:
+            protocol.begin_closing()
+
+
+GATE = DrainGate()
+
+
 class GracefulHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, except that shutdown never closes a connection a request may be on."""
 
     closing = False
 
     def shutdown(self) -> None:
+        if not GATE.released:
+            GATE.pending.append(self)
+            return
+        self.begin_closing()
+
+    def begin_closing(self) -> None:
+        if self.transport.is_closing():
+            return
         self.closing = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # answer this request with Connection: close, then close
@@ -129,6 +172,13 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[Any] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        """uvicorn's shutdown (listeners closed first), with connections closed only once the gate opens."""
+        GATE.hold()
+        release = asyncio.ensure_future(GATE.release_after_barrier())
+        await super().shutdown(sockets)
+        await release
 
     def fail(self) -> None:
         self.failed = True
