@@ -120,6 +120,29 @@ def select_batch(lengths: Sequence[int], policy: BatchPolicy) -> list[int]:
     return order[lo : hi + 1]
 
 
+class Device:
+    """The compute slots of one device, shared by every model's batcher on it.
+
+    At most ``workers`` batches compute at once on the device, whichever models they belong to, and slots are
+    granted first come, first served (asyncio's semaphore is FIFO): a saturated model's scheduler waits in
+    line like everyone else, so a neighbour's batch waits for at most one batch to finish instead of sharing
+    the cores with twice as many batches as there are workers.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.slots = asyncio.Semaphore(workers)
+        self.busy = 0  # batches computing on the device, all models together
+        self.waiting = 0  # schedulers waiting for a slot
+
+    async def acquire(self) -> None:
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.critical("batch scheduler died; requests will time out", exc_info=task.exception())
@@ -136,6 +159,7 @@ class Batcher:
         post: Post,
         on_batch: Callable[[np.ndarray, list[list[int]]], None] | None = None,
         on_batch_span: Callable[[int, float, float, list[tuple[int, int]]], None] | None = None,
+        device: Device | None = None,
     ) -> None:
         self.backend = backend
         self.policy = policy
@@ -149,9 +173,9 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._executor = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="bertserve-infer")
-        self._slots = asyncio.Semaphore(policy.workers)
+        self.device = device or Device(policy.workers)
         self._running: set[asyncio.Task[None]] = set()  # batches in the workers, for close()
-        self._busy = 0
+        self._busy = 0  # this model's batches computing (the device counts every model's)
         self._task: asyncio.Task[None] | None = None
         self._rate = 0.0  # EWMA of sequences/s, for Retry-After
         # counters in Triton's statistics terms (service/frontend/v2 reports them)
@@ -241,18 +265,21 @@ class Batcher:
                     else:
                         continue
             # Form the batch only once a worker is free: the later it forms, the more sequences it can choose from.
-            await self._slots.acquire()
+            device = self.device
+            await device.acquire()
             batch = self._take_batch()
             if not batch:
-                self._slots.release()
+                device.slots.release()
                 continue
-            solo = self.backend.can_run_solo and self._busy == 0 and not self._queue
+            # solo: nothing computes on the device, nothing else is queued here and no other model waits
+            solo = self.backend.can_run_solo and device.busy == 0 and not self._queue and device.waiting == 0
             held = 1
-            if solo:  # nothing computes, so every slot is free and these acquires return at once
-                for _ in range(self.policy.workers - 1):
-                    await self._slots.acquire()
-                held = self.policy.workers
+            if solo:  # every slot is free, so these acquires return at once
+                for _ in range(device.workers - 1):
+                    await device.slots.acquire()
+                held = device.workers
             self._busy += 1
+            device.busy += 1
             task = loop.create_task(self._run_batch(batch, solo, held))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -277,12 +304,13 @@ class Batcher:
             return
         finally:
             self._busy -= 1
+            self.device.busy -= 1
             for _ in range(held):
-                self._slots.release()
+                self.device.slots.release()
             self._check_idle()
         ended = time.perf_counter()
         elapsed = ended - started
-        rate = len(batch) / elapsed * (1 if solo else self.policy.workers)
+        rate = len(batch) / elapsed * (1 if solo else self.device.workers)
         self._rate = 0.8 * self._rate + 0.2 * rate if self._rate else rate
         self.stats.execution(len(batch), elapsed)
         if self.on_batch is not None:

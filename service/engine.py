@@ -7,9 +7,9 @@ The engine knows no protocol: it takes token sequences for a (model, version) an
 
 Models come from one bundle directory (``model_dir``; name and version from its manifest) or a repository
 (``model_repository``: ``DIR/NAME/VERSION/`` or ``DIR/NAME/`` bundles, served as NAME, version VERSION or the
-manifest's). Each model version has its own session(s) and batcher; they share the device's cores, each
-batcher with ``inference_workers`` threads, so compute is shared by the OS scheduler between models that are
-busy at the same time (measured in the README: a saturated model does not starve another's latency).
+manifest's). Each model version has its own session(s) and batcher, and every batcher draws on one set of
+``inference_workers`` compute slots for the device (:class:`~service.batching.Device`), granted first come,
+first served: two busy models never run more batches at once than the device has workers.
 
 A hot reload is a load of a new version: it is loaded and warmed beside the old one, swapped in atomically,
 then the old one drains (every admitted request is answered) and is closed.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from service.batching import Batcher, Job
+from service.batching import Batcher, Device, Job
 from service.bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
 from service.config import Settings
 from service.errors import Conflict, Draining, NotFound, NotReady, Unprocessable
@@ -128,6 +128,7 @@ class Engine:
     generation: int = 0
     ready: bool = False
     _prepared: dict[str, list[LoadedModel]] = field(default_factory=dict)
+    _device: Device | None = None  # the compute slots every model's batcher shares (one engine per device)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # -- discovery ----------------------------------------------------------------------------------------
@@ -177,6 +178,8 @@ class Engine:
             def span_hook(size: int, start: float, end: float, links: list[tuple[int, int]]) -> None:
                 tracing.batch_span(model_name, size, epoch_ns(int(start * 1e9)), epoch_ns(int(end * 1e9)), links)
 
+        if self._device is None:
+            self._device = Device(self.settings.inference_workers)
         batcher = Batcher(
             runtime,
             self.settings.batch_policy(),
@@ -184,6 +187,7 @@ class Engine:
             post,
             on_batch=monitor.observe if monitor is not None else None,
             on_batch_span=span_hook,
+            device=self._device,
         )
         return LoadedModel(bundle, runtime, head, batcher, monitor)
 
