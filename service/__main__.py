@@ -10,8 +10,15 @@ service/frontend/lifecycle.py.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
+
+# The service's parallelism comes from requests (API processes, inference threads); the tokenizer's own rayon
+# pool only competes with them for the same cores. Measured on the tiny bundle, one API process, c=64: 4,592
+# req/s with it, 5,376 without (loop CPU per request the same, the pool's threads 0.088 -> 0.061 ms). The
+# variable is read when the tokenizer first runs, so set it before anything tokenizes; a user's value wins.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import uvicorn
 

@@ -118,6 +118,17 @@ class Encoder:
         pair = pairs is not None
         return [_to_seq(enc, pair) for enc in encodings]
 
+    def encode_all(self, texts: Sequence[str], pairs: Sequence[str] | None = None) -> tuple[list[TokenSeq], list[bool]]:
+        """Token sequences for many inputs in one tokenizer call, and which of them were cut at max_length.
+
+        For callers that batch several requests' inputs together and decide per request what a cut means.
+        """
+        batch: list[str] | list[tuple[str, str]]
+        batch = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+        encodings = self.tokenizer.encode_batch(batch)
+        pair = pairs is not None
+        return [_to_seq(enc, pair) for enc in encodings], [bool(enc.overflowing) for enc in encodings]
+
 
 def pad_feeds(
     sequences: Sequence[TokenSeq], pad_id: int = 0, names: Sequence[str] = FEED_NAMES
