@@ -1,11 +1,11 @@
 """bertserve without HTTP: the service's own data plane and engine (tokenizer, batcher, sessions) in-process.
 
-Closed loop, like the load generator: ``--concurrency`` asyncio clients each submit one text (or ``--inputs-per-
-request``) through ``DataPlane.infer`` (what every protocol calls) and submit the next as soon as the answer is
-back. Everything a request costs in the service except HTTP (parsing, JSON, the event loop's socket work, the load
-generator and loopback TCP on the same cores) is in here, so ``ceiling / this / the HTTP service`` splits the gap
-between the ceiling and the service into the batcher's share and HTTP's share. Settings come from ``BERTSERVE_*``
-exactly as for ``python -m service``.
+Closed loop, like the load generator: ``--concurrency`` asyncio clients each submit one text (or
+``--inputs-per-request``) through ``DataPlane.infer`` (what every protocol calls) and submit the next as soon
+as the answer is back. Everything a request costs in the service except HTTP (parsing, JSON, the event loop's
+socket work, the load generator and loopback TCP on the same cores) is in here, so ``ceiling / this / the HTTP
+service`` splits the gap between the ceiling and the service into the batcher's share and HTTP's share.
+Settings come from ``BERTSERVE_*`` exactly as for ``python -m service``.
 
 CLI: ``python -m bench.batcher --model-dir DIR [--concurrency 64] [--duration 10] [--warmup 3] [--json out.json]``.
 """
