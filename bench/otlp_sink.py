@@ -10,6 +10,7 @@ CLI: ``python -m bench.otlp_sink --port 4318``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ class Sink(BaseHTTPRequestHandler):
     bytes = 0
     lock = threading.Lock()
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server handler name
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length", "0")))
         with Sink.lock:
             Sink.received += 1
@@ -32,7 +33,7 @@ class Sink(BaseHTTPRequestHandler):
         self.send_header("content-length", "0")
         self.end_headers()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - quiet: one line per export is noise
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
@@ -46,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     print(f"otlp sink: {Sink.received} exports, {Sink.bytes} bytes", file=sys.stderr)
     return 0
 
