@@ -62,10 +62,10 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models/bbc"), description="one model bundle directory written by `training`")
     model_repository: Path | None = Field(
         None,
-        description="serve every bundle under this directory (NAME/VERSION/ or NAME/) instead of model_dir",
+        description="serve every bundle under this directory; NAME/VERSION/ or NAME/ bundles, instead of model_dir",
     )
     version_policy: int = Field(
-        1, ge=0, description="versions of each repository model to serve: the latest N (0 = all)"
+        1, ge=0, description="repository versions served per model: the latest N; 0 = all"
     )
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in containers")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
@@ -117,8 +117,8 @@ class Settings(BaseSettings):
         BatchPolicy.workers,
         ge=1,
         le=64,
-        description="batches computed at once per model, each in its own thread; on a small CPU two "
-        "single-threaded batches keep the cores busier than one two-threaded batch",
+        description="batches computed at once on the device, all models together; each in its own thread: on a "
+        "small CPU two single-threaded batches keep the cores busier than one two-threaded batch",
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per worker; 0 = CPU cores / inference_workers"
@@ -126,8 +126,8 @@ class Settings(BaseSettings):
     solo_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime threads for a batch that runs alone (nothing else computing or queued), in a "
-        "second CPU session; 0 = inference_workers x intra-op threads; at most the intra-op threads turns it off",
+        description="threads of the CPU session for a batch that runs alone; nothing else computing or queued; "
+        "0 = inference_workers x intra-op threads; at most the intra-op threads turns it off",
     )
     ort_spinning: bool = Field(
         RuntimeOptions.spinning,
@@ -135,7 +135,7 @@ class Settings(BaseSettings):
     )
     warmup_runs: int = Field(2, ge=0, description="runs of each warm-up shape before readiness turns on")
     api_key: SecretStr | None = Field(
-        None, description="when set, inference, repository and admin calls need `Authorization: Bearer <key>`"
+        None, description="inference, repository and admin calls need `Authorization: Bearer <key>`; unset: open"
     )
     auth_all: bool = Field(False, description="also require the key on health, readiness and metrics")
     drain_delay_s: float = Field(
@@ -146,11 +146,11 @@ class Settings(BaseSettings):
         5.0, gt=0, description="idle keep-alive connections are closed after this; also while draining"
     )
     monitoring: bool = Field(
-        True, description="prediction metrics and drift PSI per model (off only to measure what they cost)"
+        True, description="prediction metrics and drift PSI per model; off only to measure what they cost"
     )
     drift_window: int = Field(2000, ge=10, description="recent predictions per model that drift PSI compares")
     low_margin: float = Field(
-        0.1, ge=0, le=1, description="top-1 minus top-2 score below which a prediction counts as low-margin"
+        0.1, ge=0, le=1, description="a top-1 minus top-2 score below this counts as low-margin"
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line")

@@ -241,7 +241,8 @@ def assert_json_error(r: httpx.Response, bad: Bad) -> None:
     assert r.status_code == bad.status, f"{bad.id}: expected {bad.status}, got {r.status_code}: {r.text[:500]}"
     assert r.headers.get("content-type", "").startswith("application/json"), f"{bad.id}: {r.headers}"
     body = r.json()
-    assert isinstance(body, dict) and set(body) == {"error", "type", "request_id"}, f"{bad.id}: not the error shape: {body}"
+    shape = {"error", "type", "request_id"}
+    assert isinstance(body, dict) and set(body) == shape, f"{bad.id}: not the error shape: {body}"
     assert isinstance(body["error"], str) and body["error"].strip(), f"{bad.id}: empty error message"
     assert isinstance(body["type"], str) and body["type"], f"{bad.id}: empty error type"
     for needle in bad.needles:

@@ -328,8 +328,9 @@ def test_bad_reload_requests_are_refused_and_the_old_model_keeps_serving(start_s
         except httpx.TransportError as exc:  # e.g. the connection dropped after an unhandled error
             wrong.append(f"{what}: expected {status}, got no response ({exc!r})")
             continue
+        shape = {"error", "type", "request_id"}
         ok = (r.status_code == status and r.headers.get("content-type", "").startswith("application/json")
-              and set(r.json()) == {"error", "type", "request_id"} and needle.lower() in r.json()["error"].lower())  # fmt: skip
+              and set(r.json()) == shape and needle.lower() in r.json()["error"].lower())  # fmt: skip
         if not ok:
             wrong.append(f"{what}: expected {status} naming {needle!r}, got {r.status_code} {r.text[:300]}")
         try:
