@@ -223,19 +223,37 @@ def add_health_routes(api: FastAPI, settings: Settings, plane: DataPlane, metric
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
 
-def _delegate(kit: Kit, endpoint: str, handler: Handler) -> Any:
-    async def endpoint_fn(request: Request, **params: str) -> Response:
+def delegate(kit: Kit, endpoint: str, handler: Handler) -> Any:
+    """A FastAPI endpoint running a hot handler, so that the OpenAPI document describes the hot route.
+
+    Requests normally never reach it (Front answers them first). Its signature is what FastAPI documents:
+    the request, plus the path's own parameters, and nothing else.
+    """
+
+    async def run(request: Request) -> Response:
         status, headers, body = await call_captured(
             lambda send: kit.serve(endpoint, handler, request.scope, request.receive, send, request.path_params)
         )
         return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers
                                                              if k != b"content-length"})  # fmt: skip
 
-    return endpoint_fn
+    if "{version}" in endpoint:
+
+        async def with_version(request: Request, name: str, version: str) -> Response:
+            return await run(request)
+
+        return with_version
+    if "{name}" in endpoint:
+
+        async def with_name(request: Request, name: str) -> Response:
+            return await run(request)
+
+        return with_name
+    return run
 
 
 def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit, predict: Handler) -> None:
-    predict_route = _delegate(kit, "/v1/predict", predict)
+    predict_route = delegate(kit, "/v1/predict", predict)
     api.add_api_route(
         "/v1/predict",
         predict_route,
@@ -354,10 +372,10 @@ def add_v2_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit, 
                            "required": ["name", "shape", "datatype"]}},
                 "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}}}}},
     }  # fmt: skip
-    api.add_api_route("/v2/models/{name}/infer", _delegate(kit, "/v2/models/{name}/infer", infer), **doc)
+    api.add_api_route("/v2/models/{name}/infer", delegate(kit, "/v2/models/{name}/infer", infer), **doc)
     api.add_api_route(
         "/v2/models/{name}/versions/{version}/infer",
-        _delegate(kit, "/v2/models/{name}/versions/{version}/infer", infer),
+        delegate(kit, "/v2/models/{name}/versions/{version}/infer", infer),
         **doc,
     )
 

@@ -41,7 +41,7 @@ from service.errors import (
     TextTooLong,
     Unprocessable,
 )
-from service.frontend.app import ERROR_DOCS, Front, _delegate
+from service.frontend.app import ERROR_DOCS, Front, delegate
 from service.frontend.http import Ctx, Handler, Kit, Reply, authorize, check_json_content_type, loads, read_body
 from service.frontend.native import parse_predict
 
@@ -230,22 +230,39 @@ VLLM_REQUEST = {"type": "object", "required": ["input"], "properties": {
     "truncate_prompt_tokens": {"type": "integer", "nullable": True}}}  # fmt: skip
 
 
+TEI_ERROR = {"type": "object", "required": ["error", "error_type"],
+             "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}  # fmt: skip
+VLLM_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}}  # fmt: skip
+
+
+def error_docs(schema: dict[str, Any], with_auth: bool) -> dict[int | str, dict[str, Any]]:
+    """The dialect's statuses (the native table's) documented with the dialect's own error body."""
+    return {
+        code: {"description": doc["description"], "content": {"application/json": {"schema": schema}}}
+        for code, doc in ERROR_DOCS.items()
+        if code != 401 or with_auth
+    }
+
+
 def register(api: FastAPI, front: Front, settings: Settings, plane: DataPlane, kit: Kit) -> None:
     """The TEI and vLLM routes: hot handlers, and their FastAPI declarations for the OpenAPI document."""
     routes = (
-        ("/predict", in_dialect(tei_predict_handler(plane), tei_error, kit), TEI_REQUEST, "TEI",
+        ("/predict", in_dialect(tei_predict_handler(plane), tei_error, kit), TEI_REQUEST, TEI_ERROR, "TEI",
          "Classify with TEI's request and response (text-embeddings-inference /predict)"),
-        ("/classify", in_dialect(vllm_classify_handler(plane), vllm_error, kit), VLLM_REQUEST, "vLLM",
+        ("/classify", in_dialect(vllm_classify_handler(plane), vllm_error, kit), VLLM_REQUEST, VLLM_ERROR, "vLLM",
          "Classify with vLLM's request and response (vLLM /classify)"),
     )  # fmt: skip
-    for path, handler, schema, tag, summary in routes:
+    for path, handler, schema, error_schema, tag, summary in routes:
         front.route("POST", path, handler)
         api.add_api_route(
             path,
-            _delegate(kit, path, handler),
+            delegate(kit, path, handler),
             methods=["POST"],
             tags=[tag],
             summary=summary,
-            responses={k: v for k, v in ERROR_DOCS.items() if k != 401 or settings.api_key},
+            responses=error_docs(error_schema, settings.api_key is not None),
             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
         )

@@ -169,7 +169,9 @@ def log_secrets_every_way() -> None:
         log.exception("exception text")
     logging.getLogger("uvicorn.error").error("uvicorn says %s", SECRET)
     logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "1.2.3.4", "GET", f"/?key={SECRET}", "1.1", 200)
-    warnings.warn(f"a warning quoting {SECRET}", UserWarning, stacklevel=1)
+    with warnings.catch_warnings():  # whatever filters earlier tests or imported libraries left in place
+        warnings.simplefilter("always")
+        warnings.warn(f"a warning quoting {SECRET}", UserWarning, stacklevel=1)
     token = request_id.set(SECRET)  # a client that sends its key as X-Request-ID (it passes validation)
     try:
         log.info("request id is the key")
