@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -165,7 +166,10 @@ class Batcher:
         self.policy = policy
         self.metrics = metrics
         self.post = post
-        self.on_batch = on_batch  # called on the event loop after each batch (prediction monitoring)
+        # prediction monitoring, called in the worker thread after each batch: off the event loop, which is what
+        # limits a single API process; one lock because two workers can finish at once
+        self.on_batch = on_batch
+        self._on_batch_lock = threading.Lock()
         self.on_batch_span = on_batch_span  # (size, start, end, links): a trace span per batch, when tracing
         self.accepting = False
         self._queue: list[Item] = []
@@ -313,8 +317,6 @@ class Batcher:
         rate = len(batch) / elapsed * (1 if solo else self.device.workers)
         self._rate = 0.8 * self._rate + 0.2 * rate if self._rate else rate
         self.stats.execution(len(batch), elapsed)
-        if self.on_batch is not None:
-            self.on_batch(scores, predicted)
         if self.on_batch_span is not None:
             links = list({item.job.link for item in batch if item.job.link is not None})
             self.on_batch_span(len(batch), started, ended, links)
@@ -379,6 +381,9 @@ class Batcher:
         started = time.perf_counter()
         logits = self.backend.run(sequences, solo=solo)
         scores, predicted = self.post(logits)
+        if self.on_batch is not None:
+            with self._on_batch_lock:
+                self.on_batch(scores, predicted)
         m = self.metrics
         m.inference_duration.observe(time.perf_counter() - started)
         real = sum(len(s) for s in sequences)
