@@ -35,6 +35,7 @@ test: setup
 	./scripts/test-deps.sh
 	AUDIT_TIMEOUT_S=180 ./scripts/audit.sh build/audit
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(MAKE) typecheck
 	$(BIN)/python -m pytest -q -ra
 

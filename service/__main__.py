@@ -44,8 +44,14 @@ def monitor_factory(settings: Settings, metrics: Metrics) -> Any:
     def make(bundle: Any, head: Any) -> Any:
         registry = None if metrics.multiprocess else metrics.registry
         reference = getattr(bundle.manifest, "reference", None)
-        return PredictionMonitor(registry, bundle.manifest.name, list(head.labels), reference,
-                                 window=settings.drift_window, low_margin=settings.low_margin)  # fmt: skip
+        return PredictionMonitor(
+            registry,
+            bundle.manifest.name,
+            list(head.labels),
+            reference,
+            window=settings.drift_window,
+            low_margin=settings.low_margin,
+        )
 
     return make
 

@@ -64,9 +64,7 @@ class Settings(BaseSettings):
         None,
         description="serve every bundle under this directory; NAME/VERSION/ or NAME/ bundles, instead of model_dir",
     )
-    version_policy: int = Field(
-        1, ge=0, description="repository versions served per model: the latest N; 0 = all"
-    )
+    version_policy: int = Field(1, ge=0, description="repository versions served per model: the latest N; 0 = all")
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in containers")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC port; 0 turns gRPC off")
@@ -149,9 +147,7 @@ class Settings(BaseSettings):
         True, description="prediction metrics and drift PSI per model; off only to measure what they cost"
     )
     drift_window: int = Field(2000, ge=10, description="recent predictions per model that drift PSI compares")
-    low_margin: float = Field(
-        0.1, ge=0, le=1, description="a top-1 minus top-2 score below this counts as low-margin"
-    )
+    low_margin: float = Field(0.1, ge=0, le=1, description="a top-1 minus top-2 score below this counts as low-margin")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line")
     access_log: bool = Field(False, description="one log line per request (costs CPU per request)")

@@ -171,8 +171,9 @@ def view_of(desc: ModelDescriptor, previous: ModelView | None = None) -> ModelVi
     from service.bundle import load_bundle
 
     bundle = load_bundle(desc.bundle_path, verify=False)  # the engine verified the checksums
-    bundle = bundle.model_copy(update={"manifest": bundle.manifest.model_copy(
-        update={"name": desc.name, "version": desc.version})})  # fmt: skip
+    bundle = bundle.model_copy(
+        update={"manifest": bundle.manifest.model_copy(update={"name": desc.name, "version": desc.version})}
+    )
     encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
     head = head_of(bundle)
     return ModelView(desc, encoder, head, tuple(orjson.dumps(label) for label in head.labels))

@@ -277,8 +277,9 @@ class Engine:
             except Exception as exc:
                 previous = self.models.get(name)
                 state = "READY" if previous else "UNAVAILABLE"
-                self.index[name] = RepositoryEntry(name, max(previous, key=version_key) if previous else "", state,
-                                                   str(exc))  # fmt: skip
+                self.index[name] = RepositoryEntry(
+                    name, max(previous, key=version_key) if previous else "", state, str(exc)
+                )
                 raise Unprocessable(f"model {name!r} failed to load: {exc}") from None
             old = self._install({name: loaded})
         await self._retire(old)

@@ -102,6 +102,18 @@ class Disconnected(Exception):
 
 # The error table, for the README and the tests: class -> (HTTP status, type, gRPC code).
 TABLE: tuple[type[ServeError], ...] = (
-    BadRequest, Unauthorized, Forbidden, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
-    Unprocessable, TextTooLong, QueueFull, InferenceFailed, NotReady, Draining, DeadlineExceeded,
-)  # fmt: skip
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    Unprocessable,
+    TextTooLong,
+    QueueFull,
+    InferenceFailed,
+    NotReady,
+    Draining,
+    DeadlineExceeded,
+)

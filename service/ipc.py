@@ -131,8 +131,15 @@ class EngineServer:
         job = future.result()
         logits = np.ascontiguousarray(job.logits, dtype=np.float32)
         scores = np.ascontiguousarray(job.scores, dtype=np.float32)
-        value = [logits.tobytes(), scores.tobytes(), len(logits), job.predicted, job.queue_s, job.inference_s,
-                 job.batches]  # fmt: skip
+        value = [
+            logits.tobytes(),
+            scores.tobytes(),
+            len(logits),
+            job.predicted,
+            job.queue_s,
+            job.inference_s,
+            job.batches,
+        ]
         self._queue_reply(identity, (rid, True, value))
 
     def _infer(self, identity: bytes, requests: Sequence[Any]) -> None:
@@ -244,8 +251,9 @@ def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection, pare
 
     die_with_parent(parent)
     settings = Settings(**settings_dump)
-    configure_logging(settings.log_level, settings.log_format,
-                      [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
+    configure_logging(
+        settings.log_level, settings.log_format, [settings.api_key.get_secret_value()] if settings.api_key else []
+    )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orchestrates shutdown
     metrics = Metrics()
     tracing = setup_tracing()
@@ -449,16 +457,23 @@ class RemoteEngine:
     @staticmethod
     def _result(value: list[Any]) -> RemoteResult:
         logits, scores, rows, predicted, queue_s, inference_s, batches = value
-        return RemoteResult(_array(logits, np.float32, rows), _array(scores, np.float32, rows), predicted,
-                            queue_s, inference_s, [tuple(b) for b in batches])  # fmt: skip
+        return RemoteResult(
+            _array(logits, np.float32, rows),
+            _array(scores, np.float32, rows),
+            predicted,
+            queue_s,
+            inference_s,
+            [tuple(b) for b in batches],
+        )
 
     async def _watch(self) -> None:
         """Keep the model table fresh (readiness, reloads) and tell the engine which clients went away."""
         last_ping = 0.0
         while True:
             await asyncio.sleep(GONE_SCAN_S)
-            gone = [rid for rid, (_, probe) in self._pending.items() if probe is not None and probe is not _CALL
-                    and probe()]  # fmt: skip
+            gone = [
+                rid for rid, (_, probe) in self._pending.items() if probe is not None and probe is not _CALL and probe()
+            ]
             if gone:
                 await self.socket.send(_dumps(("cancel", gone)))
             now = time.monotonic()
@@ -488,8 +503,9 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int, parent: int) 
 
     die_with_parent(parent)
     settings = Settings(**settings_dump)
-    configure_logging(settings.log_level, settings.log_format,
-                      [settings.api_key.get_secret_value()] if settings.api_key else [])  # fmt: skip
+    configure_logging(
+        settings.log_level, settings.log_format, [settings.api_key.get_secret_value()] if settings.api_key else []
+    )
     metrics = Metrics()
     client = RemoteEngine(path, index)
     plane = DataPlane(settings, client, metrics)
@@ -556,8 +572,12 @@ def supervise(settings: Settings) -> int:
             # a killed child's sentinel turns readable a moment before it can be reaped: wait for is_alive()
             dead = next((p for p in (engine, *apis) if not p.is_alive()), None) if ready else None
             if dead is not None and not stopping:
-                log.critical("%s (pid %s) exited unexpectedly with status %s; stopping the server",
-                             dead.name, dead.pid, dead.exitcode)  # fmt: skip
+                log.critical(
+                    "%s (pid %s) exited unexpectedly with status %s; stopping the server",
+                    dead.name,
+                    dead.pid,
+                    dead.exitcode,
+                )
                 _terminate([engine, *apis])
                 return 1
             if stopping and not any(p.is_alive() for p in apis):

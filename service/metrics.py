@@ -20,9 +20,31 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 # Millisecond-resolution latency buckets, from 1 ms to 30 s.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+    30.0,
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.2, 1.35, 1.5, 2.0, 3.0, 5.0)
@@ -108,9 +130,12 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(
-            "bertserve_queue_depth", "Sequences waiting for a batch.", per_model, registry=r,
+            "bertserve_queue_depth",
+            "Sequences waiting for a batch.",
+            per_model,
+            registry=r,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )
         self.inflight = Gauge(
             "bertserve_inflight_requests", "Requests being handled.", registry=r, multiprocess_mode="livesum"
         )

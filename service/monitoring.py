@@ -199,29 +199,41 @@ def _families_for(registry: CollectorRegistry) -> _Families:
         if found is not None:
             return found
         predictions = Counter(
-            "bertserve_predictions", "Predicted labels, by model and label (each label of a multi-label row counts).",
-            ["model", "label"], registry=registry,
-        )  # fmt: skip
+            "bertserve_predictions",
+            "Predicted labels, by model and label (each label of a multi-label row counts).",
+            ["model", "label"],
+            registry=registry,
+        )
         confidence = Histogram(
-            "bertserve_prediction_confidence", "Top score (calibrated probability) of each prediction.",
-            ["model"], buckets=CONFIDENCE_BUCKETS, registry=registry,
-        )  # fmt: skip
+            "bertserve_prediction_confidence",
+            "Top score (calibrated probability) of each prediction.",
+            ["model"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=registry,
+        )
         low_margin = Counter(
             "bertserve_low_margin_predictions",
             "Predictions whose top-1 minus top-2 score was below the low-margin setting.",
-            ["model"], registry=registry,
-        )  # fmt: skip
+            ["model"],
+            registry=registry,
+        )
         drift: _DriftCollector | None = None
         label_psi = confidence_psi = None
         if multiprocess_mode():
             label_psi = Gauge(
-                "bertserve_label_drift_psi", LABEL_PSI_HELP, ["model"], registry=registry,
+                "bertserve_label_drift_psi",
+                LABEL_PSI_HELP,
+                ["model"],
+                registry=registry,
                 multiprocess_mode="mostrecent",
-            )  # fmt: skip
+            )
             confidence_psi = Gauge(
-                "bertserve_confidence_drift_psi", CONFIDENCE_PSI_HELP, ["model"], registry=registry,
+                "bertserve_confidence_drift_psi",
+                CONFIDENCE_PSI_HELP,
+                ["model"],
+                registry=registry,
                 multiprocess_mode="mostrecent",
-            )  # fmt: skip
+            )
         else:
             drift = _DriftCollector()
             registry.register(drift)

@@ -113,9 +113,14 @@ class ModelRuntime:
         self.output_name = self.session.get_outputs()[0].name
         log.info(
             "loaded %s:%s variant=%s file=%s providers=%s threads=%d solo_threads=%s",
-            self.name, self.version, self.variant, model_path.name, self.providers, threads,
+            self.name,
+            self.version,
+            self.variant,
+            model_path.name,
+            self.providers,
+            threads,
             self.solo_threads or "off",
-        )  # fmt: skip
+        )
 
     @property
     def provider(self) -> str:

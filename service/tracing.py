@@ -180,9 +180,13 @@ class Tracing:
         ]
         attributes: dict[str, str | int] = {"bertserve.model": model, "bertserve.batch.size": size}
         span = tracer.start_span(
-            "batch", context=Context(), kind=SpanKind.INTERNAL, attributes=attributes, links=span_links,
+            "batch",
+            context=Context(),
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            links=span_links,
             start_time=start_ns,
-        )  # fmt: skip
+        )
         span.end(end_time=end_ns)
 
     def shutdown(self) -> None:

@@ -36,12 +36,17 @@ log = logging.getLogger("bertserve.api")
 ERROR_DOCS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
-        400: "invalid JSON", 401: "missing or wrong API key", 404: "unknown model or version",
-        413: "too many inputs or too large a body", 415: "not JSON",
+        400: "invalid JSON",
+        401: "missing or wrong API key",
+        404: "unknown model or version",
+        413: "too many inputs or too large a body",
+        415: "not JSON",
         422: "invalid fields or a text too long with truncate=false",
-        429: "queue full (see Retry-After)", 503: "loading or draining", 504: "deadline passed",
+        429: "queue full (see Retry-After)",
+        503: "loading or draining",
+        504: "deadline passed",
     }.items()
-}  # fmt: skip
+}
 
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -60,8 +65,9 @@ def error_response(
 ) -> Response:
     """The native error shape, ``{"error", "type", "request_id"}``, with the id also as a header."""
     rid = request_id_of(request)
-    return json_response({"error": message, "type": kind, "request_id": rid}, status,
-                         {**(headers or {}), "x-request-id": rid})  # fmt: skip
+    return json_response(
+        {"error": message, "type": kind, "request_id": rid}, status, {**(headers or {}), "x-request-id": rid}
+    )
 
 
 class Front:
@@ -86,8 +92,9 @@ class Front:
                 return
             params = match_v2_infer(scope)
             if params is not None:
-                endpoint = "/v2/models/{name}/versions/{version}/infer" if "version" in params else \
-                    "/v2/models/{name}/infer"  # fmt: skip
+                endpoint = (
+                    "/v2/models/{name}/versions/{version}/infer" if "version" in params else "/v2/models/{name}/infer"
+                )
                 await self.kit.serve(endpoint, self.v2_infer, scope, receive, send, params)
                 return
         await self.api(scope, receive, send)
@@ -234,8 +241,9 @@ def delegate(kit: Kit, endpoint: str, handler: Handler) -> Any:
         status, headers, body = await call_captured(
             lambda send: kit.serve(endpoint, handler, request.scope, request.receive, send, request.path_params)
         )
-        return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers
-                                                             if k != b"content-length"})  # fmt: skip
+        return Response(
+            body, status_code=status, headers={k.decode(): v.decode() for k, v in headers if k != b"content-length"}
+        )
 
     if "{version}" in endpoint:
 
@@ -287,10 +295,8 @@ def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: K
         "/v1/admin/reload",
         tags=["admin"],
         responses=reload_docs,
-        openapi_extra={
-            "requestBody": {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}
-        },
-    )  # fmt: skip
+        openapi_extra={"requestBody": {"content": {"application/json": {"schema": ReloadRequest.model_json_schema()}}}},
+    )
     async def admin_reload(request: Request) -> Response:
         """Load a bundle (default: the configured directory), warm it, swap it in; protected by the API key."""
         if settings.api_key is None:
@@ -318,8 +324,9 @@ def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: K
         if plane.draining:
             raise NotReady("server is draining")
         desc = await plane.engine.reload(payload.get("model_dir"), payload.get("variant"))
-        return json_response({"name": desc.name, "version": desc.version, "variant": desc.variant,
-                              "providers": desc.providers})  # fmt: skip
+        return json_response(
+            {"name": desc.name, "version": desc.version, "variant": desc.variant, "providers": desc.providers}
+        )
 
 
 def add_v2_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit, infer: Handler) -> None:
@@ -365,13 +372,30 @@ def add_v2_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit, 
         "methods": ["POST"],
         "tags": ["v2"],
         "responses": {k: v for k, v in ERROR_DOCS.items() if k != 415},
-        "openapi_extra": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["inputs"], "properties": {
-                "id": {"type": "string"}, "parameters": {"type": "object"},
-                "inputs": {"type": "array", "minItems": 1, "items": {"type": "object",
-                           "required": ["name", "shape", "datatype"]}},
-                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}}}}},
-    }  # fmt: skip
+        "openapi_extra": {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["inputs"],
+                            "properties": {
+                                "id": {"type": "string"},
+                                "parameters": {"type": "object"},
+                                "inputs": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {"type": "object", "required": ["name", "shape", "datatype"]},
+                                },
+                                "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    }
     api.add_api_route("/v2/models/{name}/infer", delegate(kit, "/v2/models/{name}/infer", infer), **doc)
     api.add_api_route(
         "/v2/models/{name}/versions/{version}/infer",

@@ -72,9 +72,18 @@ def tei_error(exc: ServeError) -> bytes:
     return orjson.dumps({"error": exc.message, "error_type": kind})
 
 
-VLLM_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "BadRequestError",
-              415: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 500: "InternalServerError",
-              503: "ServiceUnavailableError", 504: "TimeoutError"}  # fmt: skip
+VLLM_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "BadRequestError",
+    415: "BadRequestError",
+    422: "BadRequestError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
 
 
 def vllm_error(exc: ServeError) -> bytes:
@@ -135,8 +144,9 @@ def tei_predict_handler(plane: DataPlane) -> Handler:
         native = {k: payload[k] for k in ("inputs", "raw_scores") if k in payload}
         native["truncate"] = False if payload.get("truncate") is None else payload["truncate"]
         args = parse_predict(native, view.pair)
-        result = await plane.infer(view, args.texts, args.pairs, truncate=args.truncate, gone=ctx.gone,
-                                   timing=ctx.timing)  # fmt: skip
+        result = await plane.infer(
+            view, args.texts, args.pairs, truncate=args.truncate, gone=ctx.gone, timing=ctx.timing
+        )
         return Reply(encode_tei(result, args.raw_scores, args.single), timed=True)
 
     return predict
@@ -149,8 +159,9 @@ def encode_tei(result: InferResult, raw_scores: bool, single: bool) -> bytes:
     rows = []
     for row in values:
         order = sorted(range(len(row)), key=lambda i: -row[i])
-        rows.append(b"[" + b",".join(b'{"score":%s,"label":%s}' % (orjson.dumps(row[i]), names[i])
-                                     for i in order) + b"]")  # fmt: skip
+        rows.append(
+            b"[" + b",".join(b'{"score":%s,"label":%s}' % (orjson.dumps(row[i]), names[i]) for i in order) + b"]"
+        )
     if single:
         return rows[0]
     return b"[" + b",".join(rows) + b"]"
@@ -190,17 +201,30 @@ def vllm_classify_handler(plane: DataPlane) -> Handler:
 def encode_vllm(result: InferResult, model: str, tokens: int) -> bytes:
     labels = result.model.labels
     scores = result.scores.tolist()
-    data = [{"index": i, "label": labels[int(max(range(len(row)), key=row.__getitem__))], "probs": row,
-             "num_classes": len(row)} for i, row in enumerate(scores)]  # fmt: skip
-    return orjson.dumps({
-        "id": f"classify-{uuid.uuid4().hex}",
-        "object": "list",
-        "created": int(time.time()),
-        "model": model,
-        "data": data,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
-                  "prompt_tokens_details": None},
-    })  # fmt: skip
+    data = [
+        {
+            "index": i,
+            "label": labels[int(max(range(len(row)), key=row.__getitem__))],
+            "probs": row,
+            "num_classes": len(row),
+        }
+        for i, row in enumerate(scores)
+    ]
+    return orjson.dumps(
+        {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
+    )
 
 
 # -- registration ----------------------------------------------------------------------------------------------
@@ -224,18 +248,38 @@ TEI_REQUEST = {
         "model": {"type": "string"},
     },
 }
-VLLM_REQUEST = {"type": "object", "required": ["input"], "properties": {
-    "model": {"type": "string"},
-    "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "truncate_prompt_tokens": {"type": "integer", "nullable": True}}}  # fmt: skip
+VLLM_REQUEST = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "truncate_prompt_tokens": {"type": "integer", "nullable": True},
+    },
+}
 
 
-TEI_ERROR = {"type": "object", "required": ["error", "error_type"],
-             "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}  # fmt: skip
-VLLM_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}}  # fmt: skip
+TEI_ERROR = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+}
+VLLM_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "integer"},
+            },
+        }
+    },
+}
 
 
 def error_docs(schema: dict[str, Any], with_auth: bool) -> dict[int | str, dict[str, Any]]:
@@ -250,11 +294,23 @@ def error_docs(schema: dict[str, Any], with_auth: bool) -> dict[int | str, dict[
 def register(api: FastAPI, front: Front, settings: Settings, plane: DataPlane, kit: Kit) -> None:
     """The TEI and vLLM routes: hot handlers, and their FastAPI declarations for the OpenAPI document."""
     routes = (
-        ("/predict", in_dialect(tei_predict_handler(plane), tei_error, kit), TEI_REQUEST, TEI_ERROR, "TEI",
-         "Classify with TEI's request and response (text-embeddings-inference /predict)"),
-        ("/classify", in_dialect(vllm_classify_handler(plane), vllm_error, kit), VLLM_REQUEST, VLLM_ERROR, "vLLM",
-         "Classify with vLLM's request and response (vLLM /classify)"),
-    )  # fmt: skip
+        (
+            "/predict",
+            in_dialect(tei_predict_handler(plane), tei_error, kit),
+            TEI_REQUEST,
+            TEI_ERROR,
+            "TEI",
+            "Classify with TEI's request and response (text-embeddings-inference /predict)",
+        ),
+        (
+            "/classify",
+            in_dialect(vllm_classify_handler(plane), vllm_error, kit),
+            VLLM_REQUEST,
+            VLLM_ERROR,
+            "vLLM",
+            "Classify with vLLM's request and response (vLLM /classify)",
+        ),
+    )
     for path, handler, schema, error_schema, tag, summary in routes:
         front.route("POST", path, handler)
         api.add_api_route(

@@ -101,8 +101,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     def _observe(self, endpoint: str, status: int, seconds: float) -> None:
         pair = self._children.get((endpoint, status))
         if pair is None:
-            pair = (self.metrics.request_duration.labels(endpoint, str(status)),
-                    self.metrics.requests.labels(endpoint, str(status)))  # fmt: skip
+            pair = (
+                self.metrics.request_duration.labels(endpoint, str(status)),
+                self.metrics.requests.labels(endpoint, str(status)),
+            )
             self._children[(endpoint, status)] = pair
         pair[0].observe(seconds)
         pair[1].inc()
@@ -177,18 +179,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         from service.frontend.app import extensions
 
         async def rpc(_: Message, __: Any) -> Message:
-            return pb.ServerMetadataResponse(name="bertserve", version=self.api.version,
-                                             extensions=extensions(self.api))  # fmt: skip
+            return pb.ServerMetadataResponse(
+                name="bertserve", version=self.api.version, extensions=extensions(self.api)
+            )
 
         return await self._call("ServerMetadata", rpc, request, context, False)
 
     async def ModelMetadata(self, request: Message, context: Any) -> Message:
         async def rpc(req: Message, _: Any) -> Message:
             doc = v2.model_metadata(self.plane.model(req.name, req.version or None))
-            tensors = {key: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in doc[key]]
-                       for key in ("inputs", "outputs")}  # fmt: skip
-            return pb.ModelMetadataResponse(name=doc["name"], versions=doc["versions"], platform=doc["platform"],
-                                            **tensors)  # fmt: skip
+            tensors = {
+                key: [pb.ModelMetadataResponse.TensorMetadata(**t) for t in doc[key]] for key in ("inputs", "outputs")
+            }
+            return pb.ModelMetadataResponse(
+                name=doc["name"], versions=doc["versions"], platform=doc["platform"], **tensors
+            )
 
         return await self._call("ModelMetadata", rpc, request, context, False)
 
@@ -254,8 +259,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             if remaining <= 0:
                 raise DeadlineExceeded("the call's deadline passed before it was computed")
             timeout = remaining if timeout is None else min(timeout, remaining)
-        result = await self.plane.infer(view, texts, pairs, truncate=truncate, timeout_s=timeout,
-                                        gone=context.cancelled, timing=timing)  # fmt: skip
+        result = await self.plane.infer(
+            view, texts, pairs, truncate=truncate, timeout_s=timeout, gone=context.cancelled, timing=timing
+        )
         header, chunks = v2.encode_outputs(
             {"id": req.get("id") or None, "parameters": {"binary_data_output": True}}, result, requested
         )

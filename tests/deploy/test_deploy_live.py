@@ -115,10 +115,16 @@ def prometheus(server: Server, prometheus_bin: str, tmp_path_factory: pytest.Tem
     log = work / "prometheus.log"
     with log.open("wb") as handle:
         process = subprocess.Popen(
-            [prometheus_bin, f"--config.file={config}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=handle, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                prometheus_bin,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
     client = httpx.Client(timeout=10.0)
     prom = Prometheus(f"http://127.0.0.1:{port}", client)
     try:

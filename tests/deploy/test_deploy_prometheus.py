@@ -75,8 +75,10 @@ def _drift_rules() -> dict[str, dict[str, object]]:
 def test_drift_alerts_fire_on_psi_above_0_2_for_15_minutes() -> None:
     rules = _drift_rules()
     assert set(rules) == {"BertserveLabelDrift", "BertserveConfidenceDrift"}
-    for name, metric in (("BertserveLabelDrift", "bertserve_label_drift_psi"),
-                         ("BertserveConfidenceDrift", "bertserve_confidence_drift_psi")):  # fmt: skip
+    for name, metric in (
+        ("BertserveLabelDrift", "bertserve_label_drift_psi"),
+        ("BertserveConfidenceDrift", "bertserve_confidence_drift_psi"),
+    ):
         rule = rules[name]
         assert metric in str(rule["expr"]) and str(rule["expr"]).strip().endswith("> 0.2"), rule["expr"]
         assert rule["for"] == "15m"

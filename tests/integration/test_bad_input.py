@@ -54,10 +54,14 @@ def predict(value: Any, status: int, *needles: str, kind: str | None = None, id:
     return Bad(id, j(value), status, needles, kind=kind)
 
 
-def v2_input(data: Any = None, *, name: str = "text", datatype: str = "BYTES", shape: list[int] | None = None,
-             **params: Any) -> dict[str, Any]:  # fmt: skip
-    tensor: dict[str, Any] = {"name": name, "datatype": datatype,
-                              "shape": shape if shape is not None else [len(data or [])]}  # fmt: skip
+def v2_input(
+    data: Any = None, *, name: str = "text", datatype: str = "BYTES", shape: list[int] | None = None, **params: Any
+) -> dict[str, Any]:
+    tensor: dict[str, Any] = {
+        "name": name,
+        "datatype": datatype,
+        "shape": shape if shape is not None else [len(data or [])],
+    }
     if data is not None:
         tensor["data"] = data
     if params:
@@ -73,8 +77,9 @@ def bytes_tensor(*items: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
 
 
-def v2_binary(header: dict[str, Any], binary: bytes, status: int, *needles: str, id: str,
-              header_length: str | None = None) -> Bad:  # fmt: skip
+def v2_binary(
+    header: dict[str, Any], binary: bytes, status: int, *needles: str, id: str, header_length: str | None = None
+) -> Bad:
     head = j(header)
     length = header_length if header_length is not None else str(len(head))
     headers = {"content-type": "application/octet-stream", "inference-header-content-length": length}
@@ -82,8 +87,11 @@ def v2_binary(header: dict[str, Any], binary: bytes, status: int, *needles: str,
 
 
 def binary_header(size: int | Any, shape: list[int] | None = None) -> dict[str, Any]:
-    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape or [1],
-                        "parameters": {"binary_data_size": size}}]}  # fmt: skip
+    return {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": shape or [1], "parameters": {"binary_data_size": size}}
+        ]
+    }
 
 
 def nested(depth: int) -> bytes:
@@ -102,12 +110,28 @@ BAD_INPUTS: list[Bad] = [
     Bad("invalid-json-infinite-number", b'{"inputs": "a", "top_k": 1e400}', 400, ("not valid JSON",)),
     Bad("invalid-json-single-quotes", b"{'inputs': 'a'}", 400, ("not valid JSON",)),
     Bad("empty-body", b"", 400, ("empty",)),
-    Bad("wrong-content-type-text", b'{"inputs": "a"}', 415, ("content type", "text/plain"),
-        headers={"content-type": "text/plain"}, kind="unsupported_media_type"),
-    Bad("wrong-content-type-form", b"inputs=a", 415, ("content type",),
-        headers={"content-type": "application/x-www-form-urlencoded"}),
-    Bad("wrong-content-type-xml", b"<inputs>a</inputs>", 415, ("content type",),
-        headers={"content-type": "application/xml"}),
+    Bad(
+        "wrong-content-type-text",
+        b'{"inputs": "a"}',
+        415,
+        ("content type", "text/plain"),
+        headers={"content-type": "text/plain"},
+        kind="unsupported_media_type",
+    ),
+    Bad(
+        "wrong-content-type-form",
+        b"inputs=a",
+        415,
+        ("content type",),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    ),
+    Bad(
+        "wrong-content-type-xml",
+        b"<inputs>a</inputs>",
+        415,
+        ("content type",),
+        headers={"content-type": "application/xml"},
+    ),
     Bad("invalid-utf8-bytes", b'{"inputs": "\xff\xfe bad"}', 400, ("UTF-8",)),
     Bad("lone-surrogate-escape", b'{"inputs": "\\ud800"}', 400, ("surrogate",)),
     Bad("raw-nul-byte-in-string", b'{"inputs": "a\x00b"}', 400, ("control character",)),
@@ -148,24 +172,48 @@ BAD_INPUTS: list[Bad] = [
     predict({"inputs": ["a fine day", ""]}, 422, "input 1", "empty", id="list-with-empty-string"),
     predict({"inputs": "a\u0000b"}, 422, "NUL", id="escaped-nul-character"),
     predict({"inputs": ["ok", "a\u0000"]}, 422, "input 1", "NUL", id="nul-in-second-input"),
-    predict({"inputs": ["a"] * (MAX_CLIENT_BATCH + 1)}, 413, f"{MAX_CLIENT_BATCH + 1} inputs",
-            str(MAX_CLIENT_BATCH), id="too-many-inputs", kind="payload_too_large"),
+    predict(
+        {"inputs": ["a"] * (MAX_CLIENT_BATCH + 1)},
+        413,
+        f"{MAX_CLIENT_BATCH + 1} inputs",
+        str(MAX_CLIENT_BATCH),
+        id="too-many-inputs",
+        kind="payload_too_large",
+    ),
     predict({"inputs": ["a"] * 10_000}, 413, "10000 inputs", id="far-too-many-inputs"),
     predict({"inputs": "a" * (MAX_BODY + 1)}, 413, "exceeds the limit", str(MAX_BODY), id="body-too-large"),
-    predict({"inputs": LONG_TEXT, "truncate": False}, 422, str(MAX_LENGTH), "truncate",
-            id="text-too-long-no-truncate", kind="text_too_long"),
-    predict({"inputs": ["short", LONG_TEXT], "truncate": False}, 422, "input 1", str(MAX_LENGTH),
-            id="second-text-too-long-no-truncate"),
+    predict(
+        {"inputs": LONG_TEXT, "truncate": False},
+        422,
+        str(MAX_LENGTH),
+        "truncate",
+        id="text-too-long-no-truncate",
+        kind="text_too_long",
+    ),
+    predict(
+        {"inputs": ["short", LONG_TEXT], "truncate": False},
+        422,
+        "input 1",
+        str(MAX_LENGTH),
+        id="second-text-too-long-no-truncate",
+    ),
     # -- routing ---------------------------------------------------------------------------------------------
     Bad("wrong-method", b"", 405, ("method not allowed",), method="GET"),
     Bad("unknown-path", j({"inputs": "a"}), 404, ("not found",), path="/v1/predictions"),
     # -- Open Inference Protocol v2 --------------------------------------------------------------------------
     v2({"inputs": [v2_input(["a"])]}, 404, "unknown model", "nope", id="v2-unknown-model", model="nope"),
-    Bad("v2-unknown-version", j({"inputs": [v2_input(["a"])]}), 404, ("no version", "999"),
-        path=f"/v2/models/{MODEL}/versions/999/infer", kind="not_found"),
+    Bad(
+        "v2-unknown-version",
+        j({"inputs": [v2_input(["a"])]}),
+        404,
+        ("no version", "999"),
+        path=f"/v2/models/{MODEL}/versions/999/infer",
+        kind="not_found",
+    ),
     Bad("v2-unknown-model-metadata", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope"),
-    Bad("v2-unknown-version-ready", b"", 404, ("no version",), method="GET",
-        path=f"/v2/models/{MODEL}/versions/7/ready"),
+    Bad(
+        "v2-unknown-version-ready", b"", 404, ("no version",), method="GET", path=f"/v2/models/{MODEL}/versions/7/ready"
+    ),
     v2({"inputs": [v2_input(["a"], datatype="FP32")]}, 400, "datatype", "FP32", id="v2-datatype-fp32"),
     v2({"inputs": [v2_input([1], datatype="INT64")]}, 400, "datatype", id="v2-datatype-int64"),
     v2({"inputs": [v2_input(["a"], datatype="bytes")]}, 400, "datatype", id="v2-datatype-lowercase"),
@@ -187,10 +235,18 @@ BAD_INPUTS: list[Bad] = [
     v2({"inputs": [v2_input(["a"])], "outputs": [{"name": "probs"}]}, 400, "unknown output", id="v2-output-name"),
     v2({"inputs": [v2_input(["a"])], "parameters": {"truncate": "yes"}}, 400, "truncate", id="v2-truncate-str"),
     v2({"inputs": [v2_input(["a"])], "parameters": {"timeout_s": -1}}, 400, "timeout_s", id="v2-timeout-neg"),
-    v2({"inputs": [v2_input(["a"])], "outputs": [{"name": "logits", "parameters": {"classification": 0}}]},
-       400, "classification", id="v2-classification-zero"),
-    v2({"inputs": [v2_input([LONG_TEXT])], "parameters": {"truncate": False}}, 422, str(MAX_LENGTH),
-       id="v2-text-too-long-no-truncate"),
+    v2(
+        {"inputs": [v2_input(["a"])], "outputs": [{"name": "logits", "parameters": {"classification": 0}}]},
+        400,
+        "classification",
+        id="v2-classification-zero",
+    ),
+    v2(
+        {"inputs": [v2_input([LONG_TEXT])], "parameters": {"truncate": False}},
+        422,
+        str(MAX_LENGTH),
+        id="v2-text-too-long-no-truncate",
+    ),
     v2({"inputs": [v2_input(["a"] * (MAX_CLIENT_BATCH + 1))]}, 413, str(MAX_CLIENT_BATCH), id="v2-too-many"),
     v2({"inputs": [v2_input([""])]}, 422, "empty", id="v2-empty-string"),
     v2({"inputs": [v2_input(["a\u0000"])]}, 422, "NUL", id="v2-nul-in-json-data"),
@@ -198,14 +254,38 @@ BAD_INPUTS: list[Bad] = [
     Bad("v2-invalid-json", b'{"inputs": [', 400, ("not valid JSON",), path=f"/v2/models/{MODEL}/infer"),
     Bad("v2-empty-body", b"", 400, ("not valid JSON",), path=f"/v2/models/{MODEL}/infer"),
     # -- v2 binary tensor data (Triton's extension, what tritonclient sends by default) ----------------------
-    v2_binary(binary_header(len(OK_BIN)), OK_BIN, 400, "Inference-Header-Content-Length",
-              header_length="999999", id="v2-bin-header-length-past-body"),
-    v2_binary(binary_header(len(OK_BIN)), OK_BIN, 400, "Inference-Header-Content-Length",
-              header_length="abc", id="v2-bin-header-length-not-a-number"),
-    v2_binary(binary_header(len(OK_BIN)), OK_BIN, 400, "Inference-Header-Content-Length",
-              header_length="-5", id="v2-bin-header-length-negative"),
-    v2_binary(binary_header(len(OK_BIN)), OK_BIN, 400, "not valid JSON",
-              header_length="20", id="v2-bin-header-length-cuts-json"),
+    v2_binary(
+        binary_header(len(OK_BIN)),
+        OK_BIN,
+        400,
+        "Inference-Header-Content-Length",
+        header_length="999999",
+        id="v2-bin-header-length-past-body",
+    ),
+    v2_binary(
+        binary_header(len(OK_BIN)),
+        OK_BIN,
+        400,
+        "Inference-Header-Content-Length",
+        header_length="abc",
+        id="v2-bin-header-length-not-a-number",
+    ),
+    v2_binary(
+        binary_header(len(OK_BIN)),
+        OK_BIN,
+        400,
+        "Inference-Header-Content-Length",
+        header_length="-5",
+        id="v2-bin-header-length-negative",
+    ),
+    v2_binary(
+        binary_header(len(OK_BIN)),
+        OK_BIN,
+        400,
+        "not valid JSON",
+        header_length="20",
+        id="v2-bin-header-length-cuts-json",
+    ),
     v2_binary(binary_header(len(OK_BIN) + 50), OK_BIN, 400, "binary_data_size", id="v2-bin-size-past-data"),
     v2_binary(binary_header(-1), OK_BIN, 400, "binary_data_size", id="v2-bin-size-negative"),
     v2_binary(binary_header("16"), OK_BIN, 400, "binary_data_size", id="v2-bin-size-not-int"),
@@ -216,20 +296,36 @@ BAD_INPUTS: list[Bad] = [
     v2_binary(binary_header(len(OK_BIN), shape=[2]), OK_BIN, 400, "shape", id="v2-bin-count-mismatch"),
     # -- Triton's extensions: model configuration, statistics, repository (service/frontend/triton.py) --------
     Bad("triton-config-unknown-model", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope/config"),
-    Bad("triton-config-unknown-version", b"", 404, ("no version",), method="GET",
-        path=f"/v2/models/{MODEL}/versions/9/config"),
+    Bad(
+        "triton-config-unknown-version",
+        b"",
+        404,
+        ("no version",),
+        method="GET",
+        path=f"/v2/models/{MODEL}/versions/9/config",
+    ),
     Bad("triton-stats-unknown-model", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope/stats"),
-    Bad("triton-stats-unknown-version", b"", 404, ("no version",), method="GET",
-        path=f"/v2/models/{MODEL}/versions/9/stats"),
+    Bad(
+        "triton-stats-unknown-version",
+        b"",
+        404,
+        ("no version",),
+        method="GET",
+        path=f"/v2/models/{MODEL}/versions/9/stats",
+    ),
     Bad("triton-index-invalid-json", b"{nope", 400, ("not valid JSON",), path="/v2/repository/index"),
     Bad("triton-index-body-array", b"[]", 400, ("JSON object",), path="/v2/repository/index"),
     Bad("triton-index-ready-not-bool", j({"ready": "yes"}), 400, ("ready",), path="/v2/repository/index"),
-    Bad("triton-load-without-repository", b"", 422, ("MODEL_REPOSITORY",),
-        path=f"/v2/repository/models/{MODEL}/load"),
-    Bad("triton-unload-without-repository", b"", 422, ("MODEL_REPOSITORY",),
-        path="/v2/repository/models/nope/unload"),
-    Bad("triton-load-wrong-method", b"", 405, ("method not allowed",), method="GET",
-        path=f"/v2/repository/models/{MODEL}/load"),
+    Bad("triton-load-without-repository", b"", 422, ("MODEL_REPOSITORY",), path=f"/v2/repository/models/{MODEL}/load"),
+    Bad("triton-unload-without-repository", b"", 422, ("MODEL_REPOSITORY",), path="/v2/repository/models/nope/unload"),
+    Bad(
+        "triton-load-wrong-method",
+        b"",
+        405,
+        ("method not allowed",),
+        method="GET",
+        path=f"/v2/repository/models/{MODEL}/load",
+    ),
 ]
 
 
@@ -328,8 +424,10 @@ def _stream_then_read(port: int, head: bytes, chunk: bytes, total: int, pace_s: 
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(shared_server: Any) -> None:
     """Content-Length over the limit: 413 at once, although almost none of the body was sent."""
-    head = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {50 * MAX_BODY}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {50 * MAX_BODY}\r\n\r\n"
+    ).encode()
     status, sent, elapsed = _stream_then_read(shared_server.port, head, b'{"inputs": "', 12, pace_s=0)
     assert status == 413
     assert sent < MAX_BODY and elapsed < 5
@@ -344,8 +442,10 @@ def test_chunked_oversized_body_is_refused_before_it_is_read_whole(shared_server
     total = 256 * MAX_BODY
     piece = b"a" * 65536
     chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n").encode() + b'5\r\n{"a":\r\n'  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + b'5\r\n{"a":\r\n'
     before = rss(shared_server)
     status, sent, elapsed = _stream_then_read(shared_server.port, head, chunk, total, pace_s=0.003)
     assert status == 413
@@ -372,9 +472,11 @@ def test_bad_inputs_leave_server_alive_and_memory_flat(shared_server: Any) -> No
     seconds = time.monotonic() - started
     after = rss(shared_server)
     sent = rounds * len(BAD_INPUTS)
-    print(f"\nbad inputs: {len(BAD_INPUTS)} distinct, {sent + len(BAD_INPUTS)} requests sent "
-          f"({sent} in {seconds:.1f} s measured), statuses {dict(sorted(statuses.items()))}; "
-          f"server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")  # fmt: skip
+    print(
+        f"\nbad inputs: {len(BAD_INPUTS)} distinct, {sent + len(BAD_INPUTS)} requests sent "
+        f"({sent} in {seconds:.1f} s measured), statuses {dict(sorted(statuses.items()))}; "
+        f"server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB"
+    )
     assert not [s for s in statuses if s >= 500], f"5xx answers to bad input: {statuses}"
     assert after - before < 16 * 2**20, f"RSS grew by {(after - before) / 2**20:.1f} MiB over {sent} bad requests"
     assert client.get("/healthz").status_code == 200
@@ -384,10 +486,14 @@ def test_bad_inputs_leave_server_alive_and_memory_flat(shared_server: Any) -> No
     assert shared_server.proc.poll() is None
     assert "Traceback" not in shared_server.log(), shared_server.log()[-3000:]
     five_xx = {
-        (s.labels["endpoint"], s.labels["status"]): s.value for f in _families(client) if f.name == "bertserve_requests"
-        for s in f.samples if s.name == "bertserve_requests_total" and s.labels["status"].startswith("5")
+        (s.labels["endpoint"], s.labels["status"]): s.value
+        for f in _families(client)
+        if f.name == "bertserve_requests"
+        for s in f.samples
+        if s.name == "bertserve_requests_total"
+        and s.labels["status"].startswith("5")
         and s.labels["endpoint"] != "/readyz"  # the fixture polls readiness (503) until the model is warm
-    }  # fmt: skip
+    }
     assert not five_xx, f"the server answered 5xx during the bad-input tests: {five_xx}\n{shared_server.log()[-3000:]}"
 
 

@@ -86,8 +86,12 @@ def test_vllm_classify_response(server: Server) -> None:
 def test_vllm_unknown_model_is_404_in_vllm_shape(server: Server) -> None:
     r = server.client.post("/classify", json={"model": "gpt-9", "input": "x"})
     assert r.status_code == 404
-    assert r.json()["error"] | {"message": ""} == {"message": "", "type": "NotFoundError", "param": "model",
-                                                    "code": 404}  # fmt: skip
+    assert r.json()["error"] | {"message": ""} == {
+        "message": "",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
 
 
 def test_openapi_documents_the_dialects(server: Server) -> None:
@@ -159,8 +163,9 @@ def test_vllm_bad_input(server: Server, case: str, body: Any, status: int) -> No
 
 @pytest.mark.parametrize(("case", "body", "headers", "status"), RAW_BAD, ids=[c[0] for c in RAW_BAD])
 @pytest.mark.parametrize("path", ["/predict", "/classify"])
-def test_malformed_bodies(server: Server, path: str, case: str, body: bytes, headers: dict[str, str],
-                          status: int) -> None:  # fmt: skip
+def test_malformed_bodies(
+    server: Server, path: str, case: str, body: bytes, headers: dict[str, str], status: int
+) -> None:
     r = server.client.post(path, content=body, headers=headers)
     assert r.status_code == status, r.text
     err = r.json()
@@ -178,8 +183,13 @@ def test_the_key_is_required(server: Server, path: str) -> None:
 def test_server_survived_and_answered_no_5xx(server: Server) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    five_xx = [s for f in text_string_to_metric_families(server.client.get("/metrics").text)
-               for s in f.samples if s.name == "bertserve_requests_total" and s.labels["status"].startswith("5")
-               and s.labels["endpoint"] in ("/predict", "/classify")]  # fmt: skip
+    five_xx = [
+        s
+        for f in text_string_to_metric_families(server.client.get("/metrics").text)
+        for s in f.samples
+        if s.name == "bertserve_requests_total"
+        and s.labels["status"].startswith("5")
+        and s.labels["endpoint"] in ("/predict", "/classify")
+    ]
     assert not five_xx, five_xx
     assert "Traceback" not in server.log()

@@ -36,8 +36,10 @@ def workers(server: Any) -> list[psutil.Process]:
 def raw_post(port: int, body: bytes) -> socket.socket:
     """Send a complete POST /v1/predict and return the socket without reading the answer."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+    sock.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     return sock
 
 
@@ -141,9 +143,12 @@ def test_two_api_processes_serve_one_engine_with_one_metrics_view(two_workers: A
     assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
     late = server.client.post("/v1/predict", json={"inputs": "a", "timeout_s": 1e-9}, headers=auth)
     assert late.status_code == 504 and late.json()["type"] == "deadline_exceeded"
-    v2 = server.client.post("/v2/models/tiny/infer", headers=auth,
-                            json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["great"]}]})
-    assert v2.status_code == 200 and "x-queue-time" in v2.headers  # fmt: skip
+    v2 = server.client.post(
+        "/v2/models/tiny/infer",
+        headers=auth,
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["great"]}]},
+    )
+    assert v2.status_code == 200 and "x-queue-time" in v2.headers
 
 
 def test_two_api_processes_hot_reload_without_failures(start_server: Any, tiny_bundle_factory: Any) -> None:
@@ -180,8 +185,12 @@ def test_a_dead_process_stops_the_server_with_a_message(start_server: Any, victi
     server = start_server(api_workers=2)
     children = workers(server)
     # the API processes are the ones listening on the HTTP port; the engine is the other one
-    listening = {c.pid for c in children for conn in c.net_connections() if conn.laddr and
-                 conn.laddr.port == server.port and conn.status == psutil.CONN_LISTEN}  # fmt: skip
+    listening = {
+        c.pid
+        for c in children
+        for conn in c.net_connections()
+        if conn.laddr and conn.laddr.port == server.port and conn.status == psutil.CONN_LISTEN
+    }
     target = next(c for c in children if (c.pid in listening) == (victim == "api"))
     os.kill(target.pid, signal.SIGKILL)
     status = server.proc.wait(30)

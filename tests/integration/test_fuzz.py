@@ -88,8 +88,10 @@ def own_deadline(body: Any) -> float | None:
     """The timeout_s a request set for itself (native body or v2 parameters), if any."""
     if not isinstance(body, dict):
         return None
-    value = body.get("timeout_s", (body.get("parameters") or {}).get("timeout_s")
-                    if isinstance(body.get("parameters"), dict) else None)  # fmt: skip
+    value = body.get(
+        "timeout_s",
+        (body.get("parameters") or {}).get("timeout_s") if isinstance(body.get("parameters"), dict) else None,
+    )
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -120,8 +122,14 @@ def test_fuzz_whole_api_from_openapi_schema(start_server: Any) -> None:
 
     def fuzz_test(strategy: Any, label: str, mode: str) -> Any:
         @given(case=strategy)
-        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case: Any) -> None:
             response = case.call(base_url=server.url, session=session, headers=headers, timeout=30)
             status = response.status_code
@@ -151,8 +159,9 @@ def test_fuzz_whole_api_from_openapi_schema(start_server: Any) -> None:
         params = {p.name for p in op.path_parameters}
         variants: list[dict[str, str] | None] = [None]
         if params:  # also the real model, so inference itself is fuzzed, not only "unknown model"
-            variants.append({k: v for k, v in {"name": model["name"], "version": model["version"]}.items()
-                             if k in params})  # fmt: skip
+            variants.append(
+                {k: v for k, v in {"name": model["name"], "version": model["version"]}.items() if k in params}
+            )
         for fixed in variants:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
                 fuzz = fuzz_test(op.as_strategy(generation_mode=mode, path_parameters=fixed), op.label, mode.value)
@@ -165,9 +174,11 @@ def test_fuzz_whole_api_from_openapi_schema(start_server: Any) -> None:
     total = sum(statuses.values())
     server_errors = {k: v for k, v in statuses.items() if k[1] >= 500}
     by_status = Counter(status for (_, status), n in statuses.items() for _ in range(n))
-    print(f"\nfuzz: {len(operations)} operations, {total} requests in {seconds:.1f} s, statuses "
-          f"{dict(sorted(by_status.items()))} (-504: 504 for a request's own timeout_s < 1 s), "
-          f"5xx: {sum(server_errors.values())}")  # fmt: skip
+    print(
+        f"\nfuzz: {len(operations)} operations, {total} requests in {seconds:.1f} s, statuses "
+        f"{dict(sorted(by_status.items()))} (-504: 504 for a request's own timeout_s < 1 s), "
+        f"5xx: {sum(server_errors.values())}"
+    )
     assert server.proc.poll() is None, "the server died under fuzzing"
     assert httpx.get(f"{server.url}/healthz").status_code == 200
     assert not server_errors, f"5xx under fuzzing: {server_errors}"

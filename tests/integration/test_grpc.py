@@ -103,8 +103,9 @@ def test_infer_raw_matches_native_api(server: Server, client: Any) -> None:
     np.testing.assert_allclose(logits, native(server, texts), rtol=1e-5, atol=1e-5)
     labels = ["negative", "neutral", "positive"]
     assert [b.decode() for b in r.as_numpy("labels")] == [labels[i] for i in logits.argmax(1)]
-    top = client.infer(MODEL, [text_input(texts)], outputs=[grpcclient.InferRequestedOutput("logits", class_count=2)],
-                       headers=HEADERS).as_numpy("logits")  # fmt: skip
+    top = client.infer(
+        MODEL, [text_input(texts)], outputs=[grpcclient.InferRequestedOutput("logits", class_count=2)], headers=HEADERS
+    ).as_numpy("logits")
     assert top.shape == (3, 2) and top[0, 0].decode().count(":") == 2
 
 
@@ -130,10 +131,12 @@ def test_statistics_and_repository(client: Any) -> None:
 def test_the_key_is_required_for_inference_and_the_repository(client: Any) -> None:
     from tritonclient.utils import InferenceServerException
 
-    for call in (lambda h: client.infer(MODEL, [text_input(["a"])], headers=h),
-                 lambda h: client.get_model_repository_index(headers=h),
-                 lambda h: client.load_model(MODEL, headers=h),
-                 lambda h: client.unload_model(MODEL, headers=h)):  # fmt: skip
+    for call in (
+        lambda h: client.infer(MODEL, [text_input(["a"])], headers=h),
+        lambda h: client.get_model_repository_index(headers=h),
+        lambda h: client.load_model(MODEL, headers=h),
+        lambda h: client.unload_model(MODEL, headers=h),
+    ):
         for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": KEY}):
             with pytest.raises(InferenceServerException) as info:
                 call(headers)
@@ -151,8 +154,9 @@ def test_deadline_is_the_request_deadline(client: Any, stub: Any) -> None:
     assert stub.ModelInfer(request, metadata=META, timeout=10).outputs  # a generous deadline is met
 
 
-def _request(*tensors: tuple[str, str, list[int], list[bytes]], raw: list[bytes] | None = None,
-             model: str = MODEL, **params: Any) -> Any:  # fmt: skip
+def _request(
+    *tensors: tuple[str, str, list[int], list[bytes]], raw: list[bytes] | None = None, model: str = MODEL, **params: Any
+) -> Any:
     request = pb.ModelInferRequest(model_name=model)
     for name, datatype, shape, items in tensors:
         t = request.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -192,8 +196,11 @@ BAD_GRPC: list[tuple[str, Any, str]] = [
     ("empty-string", _request(("text", "BYTES", [1], [b""])), "INVALID_ARGUMENT"),
     ("nul", _request(("text", "BYTES", [1], [b"a\x00b"])), "INVALID_ARGUMENT"),
     ("invalid-utf8", _request(("text", "BYTES", [1], [b"\xff\xfe"])), "INVALID_ARGUMENT"),
-    ("too-long-no-truncate", _request(("text", "BYTES", [1], [LONG_TEXT.encode()]), truncate=False),
-     "INVALID_ARGUMENT"),
+    (
+        "too-long-no-truncate",
+        _request(("text", "BYTES", [1], [LONG_TEXT.encode()]), truncate=False),
+        "INVALID_ARGUMENT",
+    ),
     ("truncate-not-bool", _request(OK, truncate="yes"), "INVALID_ARGUMENT"),
     ("timeout-negative", _request(OK, timeout_s=-1.0), "INVALID_ARGUMENT"),
     ("too-many", _request(("text", "BYTES", [65], [b"a"] * 65)), "RESOURCE_EXHAUSTED"),
@@ -202,10 +209,20 @@ BAD_GRPC: list[tuple[str, Any, str]] = [
     ("raw-item-too-long", _request(("text", "BYTES", [1], []), raw=[b"\x64\x00\x00\x00short"]), "INVALID_ARGUMENT"),
     ("raw-shape-mismatch", _request(("text", "BYTES", [2], []), raw=[_len_prefixed(b"a")]), "INVALID_ARGUMENT"),
     ("raw-too-large", _request(("text", "BYTES", [1], []), raw=[b"a" * (2 << 20)]), "RESOURCE_EXHAUSTED"),
-    ("unknown-output", pb.ModelInferRequest(model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"a"]))],
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")]), "INVALID_ARGUMENT"),
-]  # fmt: skip
+    (
+        "unknown-output",
+        pb.ModelInferRequest(
+            model_name=MODEL,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"a"])
+                )
+            ],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="probs")],
+        ),
+        "INVALID_ARGUMENT",
+    ),
+]
 
 
 @pytest.mark.parametrize(("case", "request_", "code"), BAD_GRPC, ids=[c[0] for c in BAD_GRPC])

@@ -41,8 +41,17 @@ GOOD_TEXTS = ["the film was good", "it was bad", "a fine day", "the film was goo
 BAD_TEXTS = ["a zebra", "quixotic zebra", "the xylophone was good"]
 
 
-def build_random_bundle(out: Path, tokenizer_dir: Path, *, version: str = "1", vocab_size: int = 30522,
-                        hidden: int = 32, layers: int = 2, max_length: int = 64, seed: int = 0) -> Path:  # fmt: skip
+def build_random_bundle(
+    out: Path,
+    tokenizer_dir: Path,
+    *,
+    version: str = "1",
+    vocab_size: int = 30522,
+    hidden: int = 32,
+    layers: int = 2,
+    max_length: int = 64,
+    seed: int = 0,
+) -> Path:
     """A bundle around a random-init BertForSequenceClassification, exported by torch.onnx (fp32 variant only),
     with the tokenizer files of ``tokenizer_dir`` and a manifest written by ``service.bundle.write_manifest``."""
     import torch
@@ -52,9 +61,15 @@ def build_random_bundle(out: Path, tokenizer_dir: Path, *, version: str = "1", v
 
     out.mkdir(parents=True)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4 if hidden % 4 == 0 else 1, intermediate_size=4 * hidden,
-                        max_position_embeddings=max(512, max_length), num_labels=len(LABELS))  # fmt: skip
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4 if hidden % 4 == 0 else 1,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(512, max_length),
+        num_labels=len(LABELS),
+    )
     model = BertForSequenceClassification(config).eval()
 
     class Logits(torch.nn.Module):
@@ -71,15 +86,28 @@ def build_random_bundle(out: Path, tokenizer_dir: Path, *, version: str = "1", v
     axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {"logits": {0: "batch"}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes about shape-only branches in transformers' mask code
-        torch.onnx.export(Logits(), (ids, mask, torch.zeros_like(ids)), str(out / "model.onnx"), dynamo=False,
-                          opset_version=17, input_names=list(INPUT_NAMES), output_names=["logits"],
-                          dynamic_axes=axes)  # fmt: skip
+        torch.onnx.export(
+            Logits(),
+            (ids, mask, torch.zeros_like(ids)),
+            str(out / "model.onnx"),
+            dynamo=False,
+            opset_version=17,
+            input_names=list(INPUT_NAMES),
+            output_names=["logits"],
+            dynamic_axes=axes,
+        )
     for name in (TOKENIZER_NAME, "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         if (tokenizer_dir / name).is_file():
             shutil.copyfile(tokenizer_dir / name, out / name)
-    manifest = Manifest(name="random", version=version, labels=LABELS, max_length=max_length, opset=17,
-                        base_model=f"random-init BERT ({layers} layers, hidden {hidden}, vocab {vocab_size})",
-                        variants={"fp32": Variant(file="model.onnx")})  # fmt: skip
+    manifest = Manifest(
+        name="random",
+        version=version,
+        labels=LABELS,
+        max_length=max_length,
+        opset=17,
+        base_model=f"random-init BERT ({layers} layers, hidden {hidden}, vocab {vocab_size})",
+        variants={"fp32": Variant(file="model.onnx")},
+    )
     write_manifest(out, manifest)
     return out
 
@@ -100,14 +128,17 @@ MAX_BATCH = 8
 
 @pytest.fixture(scope="module")
 def heavy_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Path:
-    return build_random_bundle(tmp_path_factory.mktemp("heavy") / "heavy", tiny_bundle, hidden=256, layers=4,
-                               max_length=256)  # fmt: skip
+    return build_random_bundle(
+        tmp_path_factory.mktemp("heavy") / "heavy", tiny_bundle, hidden=256, layers=4, max_length=256
+    )
 
 
 def predict_request(port: int, texts: list[str]) -> bytes:
     body = json.dumps({"inputs": texts}).encode()
-    return (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    return (
+        f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 class RawClient:
@@ -198,8 +229,9 @@ async def open_loop(port: int, rate: float, seconds: float) -> list[tuple[float,
 
 
 def test_ten_times_capacity_sheds_fast_keeps_latency_and_memory_bounded(start_server: Any, heavy_bundle: Path) -> None:
-    server = start_server(model_dir=heavy_bundle, max_queue=MAX_QUEUE, max_batch_size=MAX_BATCH,
-                          intra_op_threads=1, warmup_runs=1)  # fmt: skip
+    server = start_server(
+        model_dir=heavy_bundle, max_queue=MAX_QUEUE, max_batch_size=MAX_BATCH, intra_op_threads=1, warmup_runs=1
+    )
     # capacity: enough closed-loop clients to keep the worker busy, never enough to fill the queue
     assert 3 * INPUTS <= MAX_QUEUE
     asyncio.run(closed_loop(server.port, 2, 1.0))  # warm the connection pool and arenas
@@ -220,11 +252,13 @@ def test_ten_times_capacity_sheds_fast_keeps_latency_and_memory_bounded(start_se
     served = [lat for _, status, lat, _ in results if status == 200]
     offered = len(results) / max(results[-1][0], 1e-9) if results else 0.0
     bound = 3 * (MAX_QUEUE + MAX_BATCH) / (capacity * INPUTS) + 0.5  # queue ahead + own batch, slack for a busy box
-    print(f"\noverload: capacity {capacity:.1f} req/s (p50 alone {single * 1e3:.0f} ms); offered {offered:.0f} req/s "
-          f"for {seconds:.0f} s ({len(results)} requests, wall {wall:.1f} s); statuses {dict(by_status)}; "
-          f"429 p50/p99 {pct(shed, 50) * 1e3:.1f}/{pct(shed, 99) * 1e3:.1f} ms; accepted p50/p99 "
-          f"{pct(served, 50) * 1e3:.0f}/{pct(served, 99) * 1e3:.0f} ms (bound {bound * 1e3:.0f} ms); "
-          f"RSS {rss_before / 2**20:.1f} -> {rss_peak_after / 2**20:.1f} MiB")  # fmt: skip
+    print(
+        f"\noverload: capacity {capacity:.1f} req/s (p50 alone {single * 1e3:.0f} ms); offered {offered:.0f} req/s "
+        f"for {seconds:.0f} s ({len(results)} requests, wall {wall:.1f} s); statuses {dict(by_status)}; "
+        f"429 p50/p99 {pct(shed, 50) * 1e3:.1f}/{pct(shed, 99) * 1e3:.1f} ms; accepted p50/p99 "
+        f"{pct(served, 50) * 1e3:.0f}/{pct(served, 99) * 1e3:.0f} ms (bound {bound * 1e3:.0f} ms); "
+        f"RSS {rss_before / 2**20:.1f} -> {rss_peak_after / 2**20:.1f} MiB"
+    )
 
     assert offered >= 7 * capacity, f"the client offered only {offered:.0f} req/s, not ~10x {capacity:.1f}"
     assert set(by_status) <= {200, 429}, f"overload must shed with 429, not fail: {dict(by_status)}"
@@ -259,8 +293,7 @@ def test_ten_times_capacity_sheds_fast_keeps_latency_and_memory_bounded(start_se
 @pytest.fixture(scope="module")
 def mismatched_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Path:
     """Embedding table of SMALL_VOCAB rows behind a 30522-token tokenizer."""
-    bundle = build_random_bundle(tmp_path_factory.mktemp("mismatch") / "mismatch", tiny_bundle,
-                                 vocab_size=SMALL_VOCAB)  # fmt: skip
+    bundle = build_random_bundle(tmp_path_factory.mktemp("mismatch") / "mismatch", tiny_bundle, vocab_size=SMALL_VOCAB)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(bundle / TOKENIZER_NAME))
@@ -292,8 +325,10 @@ def test_a_failing_batch_fails_only_its_own_requests(start_server: Any, mismatch
     computed = server.metric("bertserve_batch_size_sum") - seqs_before  # sequences of the batches that succeeded
     bad_sent = sum(t in BAD_TEXTS for t in texts)
     good_failed = sum(r.status_code == 500 for r, t in zip(responses, texts, strict=True) if t in GOOD_TEXTS)
-    print(f"\nfailing batches: {len(texts)} requests ({bad_sent} bad), statuses {dict(codes)}, "
-          f"{failed_batches:.0f} batches failed, {good_failed} good requests shared a failed batch")  # fmt: skip
+    print(
+        f"\nfailing batches: {len(texts)} requests ({bad_sent} bad), statuses {dict(codes)}, "
+        f"{failed_batches:.0f} batches failed, {good_failed} good requests shared a failed batch"
+    )
 
     assert set(codes) <= {200, 500}, codes
     for r, text in zip(responses, texts, strict=True):

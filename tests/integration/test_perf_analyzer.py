@@ -24,9 +24,18 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = os.environ.get("PERF_ANALYZER") or str(REPO.parent / "shared" / "tools" / "perf_analyzer")
-TEXTS = ["a great film", "awful, boring and far too long", "the plot was fine but the acting was wooden",
-         "I loved every minute of it", "not my cup of tea", "a masterpiece", "mediocre at best",
-         "surprisingly good", "the worst movie of the year", "solid and entertaining"]  # fmt: skip
+TEXTS = [
+    "a great film",
+    "awful, boring and far too long",
+    "the plot was fine but the acting was wooden",
+    "I loved every minute of it",
+    "not my cup of tea",
+    "a masterpiece",
+    "mediocre at best",
+    "surprisingly good",
+    "the worst movie of the year",
+    "solid and entertaining",
+]
 
 
 def tool() -> str:
@@ -40,9 +49,27 @@ def tool() -> str:
 
 def run_pa(url: str, protocol: str, data: Path, *extra: str) -> str:
     shape = ["--shape", "text:1"]  # the model config's max_batch_size is 0 while the v2 metadata says [-1]
-    cmd = [tool(), "-m", "tiny", "-u", url, "-i", protocol, "--input-data", str(data), *shape,
-           "--concurrency-range", "1:4:3", "--measurement-interval", "500", "--stability-percentage", "999",
-           "--max-trials", "4", *extra]  # fmt: skip (999 %: a noisy shared machine must not fail the run)
+    cmd = [
+        tool(),
+        "-m",
+        "tiny",
+        "-u",
+        url,
+        "-i",
+        protocol,
+        "--input-data",
+        str(data),
+        *shape,
+        "--concurrency-range",
+        "1:4:3",
+        "--measurement-interval",
+        "500",
+        "--stability-percentage",
+        "999",
+        "--max-trials",
+        "4",
+        *extra,
+    ]  # 999 %: a noisy shared machine must not fail the run
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}"

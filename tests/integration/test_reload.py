@@ -45,8 +45,14 @@ class Outcome:
     error: str | None = None  # the transport error, or the body of a non-200 answer
 
 
-async def steady_load(client: httpx.AsyncClient, stop: asyncio.Event, workers: int = 6, pause: float = 0.002,
-                      limit_s: float = 30.0, exit_when: Any = None) -> list[Outcome]:  # fmt: skip
+async def steady_load(
+    client: httpx.AsyncClient,
+    stop: asyncio.Event,
+    workers: int = 6,
+    pause: float = 0.002,
+    limit_s: float = 30.0,
+    exit_when: Any = None,
+) -> list[Outcome]:
     """``workers`` clients, each sending the next request right after the previous answer (plus ``pause``),
     until ``stop`` is set, ``exit_when()`` is true, or ``limit_s`` passes."""
     outcomes: list[Outcome] = []
@@ -117,8 +123,9 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
         limits = httpx.Limits(max_connections=16)
         async with httpx.AsyncClient(base_url=server.url, timeout=15, limits=limits) as client:
             stop = asyncio.Event()
-            load = asyncio.ensure_future(steady_load(client, stop, workers=8, pause=0.0,
-                                                     exit_when=lambda: server.proc.poll() is not None))  # fmt: skip
+            load = asyncio.ensure_future(
+                steady_load(client, stop, workers=8, pause=0.0, exit_when=lambda: server.proc.poll() is not None)
+            )
             await asyncio.sleep(1.0)
             marks["sigterm"] = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
@@ -142,11 +149,13 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
     lost = [o for o in surely_accepted if o.status != 200 and o not in refused_after_close]
     in_flight_at_close = [o for o in responses if o.started < t_closed < o.ended]
     served_while_draining = [o for o in responses if t_sig + 0.05 < o.started and o.ended < t_closed]
-    print(f"\ndrain: {len(outcomes)} requests; readiness 503 after {(marks['ready_503'] - t_sig) * 1e3:.0f} ms, "
-          f"listener closed after {(t_closed - t_sig) * 1e3:.0f} ms, exit {rc} after {exited - t_sig:.1f} s; "
-          f"served while draining {len(served_while_draining)}, in flight at close {len(in_flight_at_close)} "
-          f"(all 200), accepted requests lost {len(lost)}; after the listener closed: "
-          f"{Counter(o.error for o in no_response)}")  # fmt: skip
+    print(
+        f"\ndrain: {len(outcomes)} requests; readiness 503 after {(marks['ready_503'] - t_sig) * 1e3:.0f} ms, "
+        f"listener closed after {(t_closed - t_sig) * 1e3:.0f} ms, exit {rc} after {exited - t_sig:.1f} s; "
+        f"served while draining {len(served_while_draining)}, in flight at close {len(in_flight_at_close)} "
+        f"(all 200), accepted requests lost {len(lost)}; after the listener closed: "
+        f"{Counter(o.error for o in no_response)}"
+    )
 
     assert rc == 0, server.log()[-3000:]
     assert exited - t_sig < delay + grace
@@ -157,23 +166,28 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
     assert not lost, f"accepted requests failed: {lost[:5]}"
     assert {o.status for o in responses} == {200}, Counter(o.status for o in responses)
     # Refused only once the listener closed; dropped unread only for requests sent near or after the close.
-    early = [o for o in no_response if o not in refused_after_close
-             and (o.error == "ConnectError" or o.started < t_sig + delay - 0.3)]  # fmt: skip
+    early = [
+        o
+        for o in no_response
+        if o not in refused_after_close and (o.error == "ConnectError" or o.started < t_sig + delay - 0.3)
+    ]
     assert not early, f"a connection failed while still listening: {early[:5]}"
     assert "Traceback" not in server.log()
 
 
 # -- hot reload ----------------------------------------------------------------------------------------------
-def test_admin_reload_under_load_zero_failures_then_new_version(start_server: Any, tiny_bundle: Path,
-                                                                bundle_v2: Path) -> None:  # fmt: skip
+def test_admin_reload_under_load_zero_failures_then_new_version(
+    start_server: Any, tiny_bundle: Path, bundle_v2: Path
+) -> None:
     """Five swaps (1 -> 2 -> 1 -> 2 -> 1 -> 2) while 12 clients send back to back: no request may fail, and
     between two swaps every request reports the version of the last swap."""
     server = start_server(api_key=KEY)
     plan = [(bundle_v2, "2"), (tiny_bundle, "1")] * 2 + [(bundle_v2, "2")]
 
     async def scenario() -> tuple[list[tuple[float, float, httpx.Response]], list[Outcome]]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=AUTH,
-                                     limits=httpx.Limits(max_connections=16)) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=30, headers=AUTH, limits=httpx.Limits(max_connections=16)
+        ) as client:
             stop = asyncio.Event()
             load = asyncio.ensure_future(steady_load(client, stop, workers=12, pause=0.0))
             swaps = []
@@ -188,16 +202,19 @@ def test_admin_reload_under_load_zero_failures_then_new_version(start_server: An
 
     swaps, outcomes = asyncio.run(scenario())
     failed = [o for o in outcomes if o.status != 200]
-    print(f"\nadmin reload: {len(outcomes)} requests across {len(swaps)} swaps, {len(failed)} failed "
-          f"{Counter(o.error for o in failed)}, versions {Counter(o.version for o in outcomes)}")  # fmt: skip
+    print(
+        f"\nadmin reload: {len(outcomes)} requests across {len(swaps)} swaps, {len(failed)} failed "
+        f"{Counter(o.error for o in failed)}, versions {Counter(o.version for o in outcomes)}"
+    )
     for (_, _, r), (_, version) in zip(swaps, plan, strict=True):
         assert r.status_code == 200, r.text
         assert r.json()["version"] == version and r.json()["name"] == "tiny"
     assert not failed, f"requests failed across the swaps: {failed[:5]}"
     assert len(outcomes) > 100
     phases = [(float("-inf"), swaps[0][0], "1")]
-    phases += [(swaps[k][1], swaps[k + 1][0] if k + 1 < len(swaps) else float("inf"), plan[k][1])
-               for k in range(len(swaps))]  # fmt: skip
+    phases += [
+        (swaps[k][1], swaps[k + 1][0] if k + 1 < len(swaps) else float("inf"), plan[k][1]) for k in range(len(swaps))
+    ]
     for lo, hi, version in phases:
         inside = [o for o in outcomes if lo < o.started and o.ended < hi]
         assert inside, f"no request fell between {lo} and {hi}"
@@ -209,15 +226,18 @@ def test_admin_reload_under_load_zero_failures_then_new_version(start_server: An
     assert c.get("/v2/models/tiny").json()["versions"] == ["2"]
     assert c.get("/v2/models/tiny/versions/2/ready").status_code == 200
     assert c.get("/v2/models/tiny/versions/1/ready").status_code == 404
-    v2 = c.post("/v2/models/tiny/infer", json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
-                                                          "data": ["a great film"]}]})  # fmt: skip
+    v2 = c.post(
+        "/v2/models/tiny/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a great film"]}]},
+    )
     assert v2.status_code == 200 and v2.json()["model_version"] == "2"
     assert server.metric("bertserve_model_info", {"version": "2"}) == 1
     assert server.metric("bertserve_model_info", {"version": "1"}) == 0
 
 
-def test_sighup_reloads_the_configured_dir_under_load(start_server: Any, tiny_bundle: Path, bundle_v2: Path,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_sighup_reloads_the_configured_dir_under_load(
+    start_server: Any, tiny_bundle: Path, bundle_v2: Path, tmp_path: Path
+) -> None:
     live, staging = tmp_path / "live", tmp_path / "staging"
     shutil.copytree(tiny_bundle, live)
     shutil.copytree(bundle_v2, staging)
@@ -269,8 +289,11 @@ def test_concurrent_reloads_get_409(start_server: Any, bundle_v2: Path) -> None:
     async def two() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=60, headers=AUTH) as client:
             body = {"model_dir": str(bundle_v2)}
-            return list(await asyncio.gather(client.post("/v1/admin/reload", json=body),
-                                             client.post("/v1/admin/reload", json=body)))  # fmt: skip
+            return list(
+                await asyncio.gather(
+                    client.post("/v1/admin/reload", json=body), client.post("/v1/admin/reload", json=body)
+                )
+            )
 
     responses = asyncio.run(two())
     assert sorted(r.status_code for r in responses) == [200, 409], [r.text for r in responses]
@@ -298,8 +321,9 @@ def _garbage_model_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_bad_reload_requests_are_refused_and_the_old_model_keeps_serving(start_server: Any, tiny_bundle: Path,
-                                                                       tmp_path: Path) -> None:  # fmt: skip
+def test_bad_reload_requests_are_refused_and_the_old_model_keeps_serving(
+    start_server: Any, tiny_bundle: Path, tmp_path: Path
+) -> None:
     server = start_server(api_key=KEY)
     client = server.client
     client.headers.update(AUTH)
@@ -308,16 +332,24 @@ def test_bad_reload_requests_are_refused_and_the_old_model_keeps_serving(start_s
         ("a file, not a dir", {"model_dir": str(tiny_bundle / "manifest.json")}, 422, "does not exist"),
         ("dir without manifest", {"model_dir": str(tmp_path)}, 422, "manifest not found"),
         ("relative path", {"model_dir": "models/no-such-bundle"}, 422, "does not exist"),
-        ("corrupted model", {"model_dir": str(_corrupt_copy(tiny_bundle, tmp_path / "bad1"))}, 422,
-         "checksum mismatch"),
-        ("not ONNX, valid checksums", {"model_dir": str(_garbage_model_copy(tiny_bundle, tmp_path / "bad2"))}, 422,
-         "model.onnx"),
+        (
+            "corrupted model",
+            {"model_dir": str(_corrupt_copy(tiny_bundle, tmp_path / "bad1"))},
+            422,
+            "checksum mismatch",
+        ),
+        (
+            "not ONNX, valid checksums",
+            {"model_dir": str(_garbage_model_copy(tiny_bundle, tmp_path / "bad2"))},
+            422,
+            "model.onnx",
+        ),
         ("path too long", {"model_dir": "/tmp/" + "a" * 5000}, 422, "reload refused"),
         ("unknown variant", {"variant": "fp16"}, 422, "fp16"),
         ("model_dir not a string", {"model_dir": 3}, 422, "model_dir"),
         ("unknown field", {"model_dir": str(tiny_bundle), "force": True}, 422, "force"),
         ("invalid JSON", b'{"model_dir": ', 400, "not valid JSON"),
-    ]  # fmt: skip
+    ]
     wrong = []
     for what, body, status, needle in cases:
         try:
@@ -329,8 +361,12 @@ def test_bad_reload_requests_are_refused_and_the_old_model_keeps_serving(start_s
             wrong.append(f"{what}: expected {status}, got no response ({exc!r})")
             continue
         shape = {"error", "type", "request_id"}
-        ok = (r.status_code == status and r.headers.get("content-type", "").startswith("application/json")
-              and set(r.json()) == shape and needle.lower() in r.json()["error"].lower())  # fmt: skip
+        ok = (
+            r.status_code == status
+            and r.headers.get("content-type", "").startswith("application/json")
+            and set(r.json()) == shape
+            and needle.lower() in r.json()["error"].lower()
+        )
         if not ok:
             wrong.append(f"{what}: expected {status} naming {needle!r}, got {r.status_code} {r.text[:300]}")
         try:
@@ -377,8 +413,10 @@ def test_repeated_reloads_release_old_sessions(start_server: Any, tiny_bundle: P
         reload(i)
     time.sleep(1.0)  # the old engine drains and closes in the background
     after, after_threads = rss(server), proc.num_threads()
-    print(f"\nreloads: RSS {start / 2**20:.1f} MiB at start, {base / 2**20:.1f} after {warm} reloads, "
-          f"{after / 2**20:.1f} after {rounds} more; threads {base_threads} -> {after_threads}")  # fmt: skip
+    print(
+        f"\nreloads: RSS {start / 2**20:.1f} MiB at start, {base / 2**20:.1f} after {warm} reloads, "
+        f"{after / 2**20:.1f} after {rounds} more; threads {base_threads} -> {after_threads}"
+    )
     # a leaked session (+ tokenizer + threads) costs ~7 MiB per reload here; released ones ~1 MiB of churn
     assert after - base < 32 * 2**20, f"RSS grew {(after - base) / 2**20:.1f} MiB over {rounds} reloads"
     assert after_threads <= base_threads + 4, f"threads {base_threads} -> {after_threads}: old pools not released"

@@ -134,8 +134,15 @@ def test_constant_time_key_comparison() -> None:
 # -- the code itself -----------------------------------------------------------------------------------------
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 UNSAFE_CALLS = {"eval", "exec", "compile", "__import__"}
-UNSAFE_ATTRS = {("torch", "load"), ("yaml", "load"), ("yaml", "unsafe_load"), ("numpy", "load"),
-                ("np", "load"), ("pickle", "loads"), ("pickle", "load")}  # fmt: skip
+UNSAFE_ATTRS = {
+    ("torch", "load"),
+    ("yaml", "load"),
+    ("yaml", "unsafe_load"),
+    ("numpy", "load"),
+    ("np", "load"),
+    ("pickle", "loads"),
+    ("pickle", "load"),
+}
 
 
 def _python_files(package: str) -> list[Path]:

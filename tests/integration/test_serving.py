@@ -36,8 +36,9 @@ def reference_scores(bundle: Path, texts: list[str]) -> list[dict[str, float]]:
     out = []
     for text in texts:
         ids = np.array([tok.encode(text).ids], dtype=np.int64)
-        logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                                    "token_type_ids": np.zeros_like(ids)})[0][0]  # fmt: skip
+        logits = session.run(
+            None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        )[0][0]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         out.append(dict(zip(manifest["labels"], probs.tolist(), strict=True)))
@@ -69,8 +70,10 @@ def test_scores_match_onnxruntime_alone_and_batched(shared_server, tiny_bundle: 
 def test_64_concurrent_clients_all_correct_and_batched(start_server, tiny_bundle: Path) -> None:
     server = start_server(max_wait_ms=5)
     rng = random.Random(1)
-    texts = [rng.choice(TEXTS) + " " + " ".join(rng.choices(["good", "bad", "okay", "film"], k=rng.randint(0, 30)))
-             for _ in range(256)]  # fmt: skip
+    texts = [
+        rng.choice(TEXTS) + " " + " ".join(rng.choices(["good", "bad", "okay", "film"], k=rng.randint(0, 30)))
+        for _ in range(256)
+    ]
     expected = reference_scores(tiny_bundle, texts)
 
     responses = server.predict_concurrently(texts, concurrency=64, timeout=60)
@@ -107,8 +110,11 @@ def test_too_many_inputs_is_413(start_server) -> None:
     server = start_server(max_client_batch=4)
     r = server.client.post("/v1/predict", json={"inputs": ["a"] * 5})
     assert r.status_code == 413
-    assert r.json() == {"error": "5 inputs exceed the limit of 4 per request", "type": "payload_too_large",
-                        "request_id": r.headers["x-request-id"]}
+    assert r.json() == {
+        "error": "5 inputs exceed the limit of 4 per request",
+        "type": "payload_too_large",
+        "request_id": r.headers["x-request-id"],
+    }
     assert server.client.post("/v1/predict", json={"inputs": ["a"] * 4}).status_code == 200
 
 
@@ -120,10 +126,12 @@ def test_full_queue_is_429_with_retry_after(start_server) -> None:
     assert r.json()["type"] == "queue_full"
 
     async def flood() -> list[int]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=200)) as client:  # fmt: skip
-            rs = await asyncio.gather(*(client.post("/v1/predict", json={"inputs": ["good film"] * 8})
-                                        for _ in range(200)))  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=200)
+        ) as client:
+            rs = await asyncio.gather(
+                *(client.post("/v1/predict", json={"inputs": ["good film"] * 8}) for _ in range(200))
+            )
             return [x.status_code for x in rs]
 
     codes = asyncio.run(flood())
@@ -160,8 +168,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(start_server) -> None:
     texts = [" ".join(["the film was good"] * 12)] * 8
 
     async def run() -> tuple[list[int], int, int]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=100)) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=100)
+        ) as client:
             tasks = [asyncio.ensure_future(client.post("/v1/predict", json={"inputs": texts})) for _ in range(100)]
             while server.metric("bertserve_inflight_requests") < 50:  # requests admitted and in flight
                 await asyncio.sleep(0.01)
@@ -197,8 +206,10 @@ def test_open_inference_protocol_with_tritonclient(shared_server, tiny_bundle: P
     for binary in (True, False):
         inp = triton.InferInput("text", [len(texts)], "BYTES")
         inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object), binary_data=binary)
-        outputs = [triton.InferRequestedOutput("logits", binary_data=binary),
-                   triton.InferRequestedOutput("labels", binary_data=binary)]  # fmt: skip
+        outputs = [
+            triton.InferRequestedOutput("logits", binary_data=binary),
+            triton.InferRequestedOutput("labels", binary_data=binary),
+        ]
         result = client.infer("tiny", [inp], outputs=outputs)
         logits = result.as_numpy("logits")
         assert logits.shape == (len(texts), len(labels)) and logits.dtype == np.float32
@@ -225,9 +236,15 @@ def test_metrics_exposition_has_every_series(shared_server) -> None:
     shared_server.client.post("/v1/predict", json={"inputs": ["good", "bad"]})
     text = shared_server.client.get("/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    histograms = ["bertserve_request_duration_seconds", "bertserve_queue_duration_seconds",
-                  "bertserve_tokenize_duration_seconds", "bertserve_inference_duration_seconds",
-                  "bertserve_batch_size", "bertserve_batch_tokens", "bertserve_batch_padding_ratio"]  # fmt: skip
+    histograms = [
+        "bertserve_request_duration_seconds",
+        "bertserve_queue_duration_seconds",
+        "bertserve_tokenize_duration_seconds",
+        "bertserve_inference_duration_seconds",
+        "bertserve_batch_size",
+        "bertserve_batch_tokens",
+        "bertserve_batch_padding_ratio",
+    ]
     for name in histograms:
         assert families[name].type == "histogram", name
     for name in ("bertserve_queue_depth", "bertserve_inflight_requests"):
@@ -237,8 +254,11 @@ def test_metrics_exposition_has_every_series(shared_server) -> None:
     info = [s for s in families["bertserve_model_info"].samples]
     assert len(info) == 1 and info[0].value == 1
     assert info[0].labels["name"] == "tiny" and info[0].labels["provider"] == "CPUExecutionProvider"
-    predict = [s for s in families["bertserve_request_duration_seconds"].samples
-               if s.labels.get("endpoint") == "/v1/predict" and s.name.endswith("_count")]  # fmt: skip
+    predict = [
+        s
+        for s in families["bertserve_request_duration_seconds"].samples
+        if s.labels.get("endpoint") == "/v1/predict" and s.name.endswith("_count")
+    ]
     assert predict and predict[0].labels["status"] == "200"
     # buckets fine enough for millisecond latencies
     les = {s.labels["le"] for s in families["bertserve_inference_duration_seconds"].samples if "le" in s.labels}
@@ -274,15 +294,18 @@ def test_disconnected_client_is_dropped_before_compute(start_server) -> None:
     backlog = {"inputs": [long_text] * 64}
 
     async def run() -> list[int]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120,
-                                     limits=httpx.Limits(max_connections=20)) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=20)
+        ) as client:
             tasks = [asyncio.ensure_future(client.post("/v1/predict", json=backlog)) for _ in range(20)]
             while server.metric("bertserve_queue_depth") < 200:  # a backlog of hundreds of batches
                 await asyncio.sleep(0.01)
             body = json.dumps({"inputs": ["gone before compute"] * 3}).encode()
             with socket.create_connection(("127.0.0.1", server.port)) as sock:
-                sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                sock.sendall(
+                    b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             return [r.status_code for r in await asyncio.gather(*tasks)]
 
     assert asyncio.run(run()) == [200] * 20

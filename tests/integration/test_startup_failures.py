@@ -35,8 +35,17 @@ def run_service(model_dir: Path, port: int | None = None, **settings: str) -> tu
     """Run the real server until it exits; (exit status, combined output, seconds)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
     env.update({f"BERTSERVE_{k.upper()}": v for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port or free_port())]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--model-dir",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port or free_port()),
+    ]
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -20,8 +20,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}  # pass copies: tritonclient.http adds
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[Server]:
-    srv = Server(tiny_bundle, tmp_path_factory.mktemp("triton") / "server.log", grpc_port=0, api_key=KEY,
-                 max_batch_size=4, max_wait_ms=2, inference_workers=2)  # fmt: skip
+    srv = Server(
+        tiny_bundle,
+        tmp_path_factory.mktemp("triton") / "server.log",
+        grpc_port=0,
+        api_key=KEY,
+        max_batch_size=4,
+        max_wait_ms=2,
+        inference_workers=2,
+    )
     yield srv
     srv.close()
 
@@ -65,8 +72,15 @@ def test_model_config_reports_the_real_batching_and_matches_metadata(server: Ser
     assert meta_shape == expected
 
 
-@pytest.mark.parametrize("path", ["/v2/models/nope/config", f"/v2/models/{MODEL}/versions/9/config",
-                                  "/v2/models/nope/stats", f"/v2/models/{MODEL}/versions/9/stats"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/nope/config",
+        f"/v2/models/{MODEL}/versions/9/config",
+        "/v2/models/nope/stats",
+        f"/v2/models/{MODEL}/versions/9/stats",
+    ],
+)
 def test_unknown_model_or_version_is_404(server: Server, path: str) -> None:
     r = server.client.get(path)
     assert r.status_code == 404 and r.json()["error"], r.text

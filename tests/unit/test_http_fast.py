@@ -57,8 +57,9 @@ def run(bundle: Path, body: Callable[[httpx.AsyncClient], Awaitable[None]], **se
 
 def test_predict_answers_with_labels_scores_request_id_and_timings(tiny_bundle: Path) -> None:
     async def body(client: httpx.AsyncClient) -> None:
-        r = await client.post("/v1/predict", json={"inputs": ["a great film", "terrible, awful"]},
-                              headers={"x-request-id": "abc-123"})  # fmt: skip
+        r = await client.post(
+            "/v1/predict", json={"inputs": ["a great film", "terrible, awful"]}, headers={"x-request-id": "abc-123"}
+        )
         assert r.status_code == 200, r.text
         doc = r.json()
         assert doc["model"] == "tiny" and doc["version"] == "1"
@@ -68,8 +69,9 @@ def test_predict_answers_with_labels_scores_request_id_and_timings(tiny_bundle: 
             scores = [p["score"] for p in row]
             assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-5
         assert r.headers["x-request-id"] == "abc-123"
-        timings = {h: float(r.headers[h]) for h in ("x-total-time", "x-tokenize-time", "x-queue-time",
-                                                     "x-inference-time")}  # fmt: skip
+        timings = {
+            h: float(r.headers[h]) for h in ("x-total-time", "x-tokenize-time", "x-queue-time", "x-inference-time")
+        }
         assert all(v >= 0 for v in timings.values())
         assert timings["x-total-time"] >= timings["x-inference-time"] + timings["x-tokenize-time"]
         top1 = (await client.post("/v1/predict", json={"inputs": "great", "top_k": 1})).json()
@@ -91,12 +93,18 @@ def test_v2_infer_json_and_binary_with_timings(tiny_bundle: Path) -> None:
         assert outputs["labels"]["data"] == ["positive", "negative"] and outputs["logits"]["shape"] == [2, 3]
         assert "x-inference-time" in r.headers
         item = b"great"
-        header = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
-                              "parameters": {"binary_data_size": 4 + len(item)}}],
-                  "outputs": [{"name": "labels", "parameters": {"binary_data": True}}]}  # fmt: skip
+        header = {
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4 + len(item)}}
+            ],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+        }
         head = httpx.Request("POST", "/", json=header).content
-        r = await client.post("/v2/models/tiny/versions/1/infer", content=head + struct.pack("<I", len(item)) + item,
-                              headers={"inference-header-content-length": str(len(head))})  # fmt: skip
+        r = await client.post(
+            "/v2/models/tiny/versions/1/infer",
+            content=head + struct.pack("<I", len(item)) + item,
+            headers={"inference-header-content-length": str(len(head))},
+        )
         assert r.status_code == 200, r.text
         cut = int(r.headers["inference-header-content-length"])
         assert r.content[cut + 4 :] == b"positive"
@@ -120,8 +128,9 @@ ERROR_CASES: list[tuple[str, dict[str, Any], int, str]] = [
 
 
 @pytest.mark.parametrize(("what", "kwargs", "status", "kind"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
-def test_error_table_statuses_and_shape(tiny_bundle: Path, what: str, kwargs: dict[str, Any], status: int,
-                                        kind: str) -> None:  # fmt: skip
+def test_error_table_statuses_and_shape(
+    tiny_bundle: Path, what: str, kwargs: dict[str, Any], status: int, kind: str
+) -> None:
     async def body(client: httpx.AsyncClient) -> None:
         extra = kwargs.pop("headers", {})
         headers = {} if what == "no key" else {**AUTH, **extra}

@@ -342,9 +342,14 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
 def test_multiprocess_mode_exports_counters_and_psi_gauges_through_the_mmap_files(tmp_path: Path) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-c", MULTIPROCESS_SCRIPT, str(REPO)], env=env, cwd=REPO, capture_output=True, text=True,
-        timeout=120, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", MULTIPROCESS_SCRIPT, str(REPO)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert math.isnan(out["start"]["label_psi"]) and out["start"]["plain_psi"] is None
