@@ -95,20 +95,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.settings = settings
         self.plane = plane
         self.metrics = kit.metrics
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self.observe = kit.observe  # the kit's bound metric children, shared with the HTTP routes
 
     # -- the shared wrapper -----------------------------------------------------------------------------------
-    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
-        pair = self._children.get((endpoint, status))
-        if pair is None:
-            pair = (
-                self.metrics.request_duration.labels(endpoint, str(status)),
-                self.metrics.requests.labels(endpoint, str(status)),
-            )
-            self._children[(endpoint, status)] = pair
-        pair[0].observe(seconds)
-        pair[1].inc()
-
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.settings.api_key is None:
             return
@@ -150,7 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             raise
         finally:
             self.metrics.inflight.dec()
-            self._observe(endpoint, status, time.perf_counter() - started)
+            self.observe(endpoint, status, time.perf_counter() - started)
 
     # -- health and metadata ----------------------------------------------------------------------------------
     async def ServerLive(self, request: Message, context: Any) -> Message:

@@ -161,7 +161,8 @@ class Kit:
         self._inflight = metrics.inflight
         self.access_log = settings.access_log
 
-    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one answered request (HTTP or gRPC) in its endpoint's histogram and counter, children bound once."""
         pair = self._children.get((endpoint, status))
         if pair is None:
             pair = (
@@ -205,7 +206,7 @@ class Kit:
                 extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
                 reply = Reply(error_shape(exc, rid), exc.status, extra)
             except Disconnected:  # counted where it was found; nothing to answer
-                self._observe(endpoint, 499, timing.total_s())
+                self.observe(endpoint, 499, timing.total_s())
                 if ctx.span is not None:
                     ctx.span.end(499, "client went away")
                 log.debug("client went away before its answer was ready")
@@ -224,7 +225,7 @@ class Kit:
             await send({"type": "http.response.start", "status": reply.status, "headers": out})
             await send({"type": "http.response.body", "body": reply.body})
             seconds = timing.total_s()
-            self._observe(endpoint, reply.status, seconds)
+            self.observe(endpoint, reply.status, seconds)
             if ctx.span is not None:
                 ctx.span.end(reply.status, None if reply.status < 400 else str(reply.status))
             if ctx.gone is not None and reply.status < 300 and ctx.gone():
