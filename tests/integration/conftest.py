@@ -140,3 +140,12 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -
     server = Server(tiny_bundle, tmp_path_factory.mktemp("srv") / "server.log")
     yield server
     server.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test here starts real server processes (that is their point): all are slow; `make test-fast` runs
+    the in-process layer (tests/unit/test_http_fast.py covers the statuses, protocols and auth there)."""
+    here = Path(__file__).parent
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(here):
+            item.add_marker(pytest.mark.slow)

@@ -217,3 +217,22 @@ def test_openapi_and_offline_docs(tiny_bundle: Path) -> None:
         assert page.status_code == 200 and "cdn" not in page.text.lower()
 
     run(tiny_bundle, body)
+
+
+def test_metadata_exposes_no_absolute_path(tiny_bundle: Path) -> None:
+    """/v1/models, v2 metadata and config show no path of the machine that trained or serves the bundle."""
+
+    def strings(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [s for k, v in node.items() for s in [k, *strings(v)]]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    async def body(client: httpx.AsyncClient) -> None:
+        for path in ("/v1/models", "/v2/models/tiny", "/v2/models/tiny/config"):
+            doc = (await client.get(path)).json()
+            leaked = [s for s in strings(doc) if s.startswith("/") or str(tiny_bundle) in s or "/tmp/" in s]
+            assert not leaked, f"{path}: {leaked}"
+
+    run(tiny_bundle, body)
