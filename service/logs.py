@@ -227,10 +227,12 @@ def configure_logging(level: str, fmt: Literal["text", "json"], secrets: Sequenc
             old.addFilter(RedactFilter(redactor))
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for name in UVICORN_LOGGERS:
+    for name in UVICORN_LOGGERS:  # whatever configured them before (uvicorn's own config, a library): the root decides
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
     logging.captureWarnings(True)
 
 
