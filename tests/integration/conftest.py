@@ -25,30 +25,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def service_command(model_dir: Path, port: int, **settings: Any) -> tuple[list[str], dict[str, str]]:
+    """``python -m service`` on 127.0.0.1:port, and its environment: ``settings`` as BERTSERVE_* variables, none
+    inherited from the caller's environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
+    env.update({f"BERTSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    cmd = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    return cmd, env
+
+
 class Server:
     """One server process; ``settings`` become BERTSERVE_* environment variables."""
 
     def __init__(self, model_dir: Path, log_path: Path, wait_ready: bool = True, **settings: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
-        env.update({f"BERTSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+        cmd, env = service_command(model_dir, self.port, **settings)
         env["BERTSERVE_WARMUP_RUNS"] = env.get("BERTSERVE_WARMUP_RUNS", "1")
         env.setdefault("BERTSERVE_GRPC_PORT", "0")  # gRPC only where a test asks for it: no shared port 8001
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--model-dir",
-                str(model_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            cmd,
             cwd=REPO,
             env=env,
             stdout=self._log,

@@ -8,11 +8,9 @@ damaged on disk the way a bad deploy or a tampered artifact would damage them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,32 +18,15 @@ from pathlib import Path
 import pytest
 
 from service.runtime import cuda_driver_present
+from tests.integration.conftest import free_port, service_command
 
 REPO = Path(__file__).resolve().parents[2]
 START_LIMIT_S = 12.0  # import + bundle verification on a busy 2-core machine; a hang would blow far past it
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def run_service(model_dir: Path, port: int | None = None, **settings: str) -> tuple[int, str, float]:
     """Run the real server until it exits; (exit status, combined output, seconds)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BERTSERVE_")}
-    env.update({f"BERTSERVE_{k.upper()}": v for k, v in settings.items()})
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model-dir",
-        str(model_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port or free_port()),
-    ]
+    cmd, env = service_command(model_dir, port or free_port(), **settings)
     started = time.monotonic()
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
