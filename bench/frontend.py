@@ -47,13 +47,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, Server, ServerError, free_port
+from bench.procs import ROOT, Server, ServerError, free_port, running
 
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "post_json.lua"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -383,17 +383,6 @@ def make_server(target: Target, cfg: Config, model_dir: Path, work: Path) -> Roo
     return RootedServer(f"bertserve w={target.workers}", argv, port, log, env=bertserve_env(cfg), cwd=cfg.server_root)
 
 
-@contextlib.contextmanager
-def started(server: RootedServer, ready_timeout: float) -> Iterator[RootedServer]:
-    """Start, wait for readiness, always stop (SIGTERM to the group, then SIGKILL)."""
-    server.start()
-    try:
-        server.wait_ready(ready_timeout)
-        yield server
-    finally:
-        server.stop(grace=10.0)
-
-
 def build_tiny(work: Path) -> Path:
     """The tiny 2-layer bundle (``python -m training.tiny``), built in a subprocess so torch stays out of here."""
     out = work / "tiny"
@@ -574,7 +563,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for target in plan:
         server = make_server(target, cfg, model_dir, work)
         _log(f"starting {server.name}: {' '.join(server.argv[1:])}")
-        with started(server, cfg.ready_timeout):
+        with running(server, cfg.ready_timeout, grace=10.0):
             if cfg.warmup > 0:
                 run_wrk(server.base_url + "/v1/predict", bodies[cfg.texts[0]], 64, cfg.warmup, cfg.wrk_timeout)
             for texts in cfg.texts:

@@ -198,11 +198,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(server: Server, ready_timeout: float) -> Iterator[Server]:
+def running(server: Server, ready_timeout: float, grace: float = 15.0) -> Iterator[Server]:
     """Start ``server``, wait until it is ready, and always stop it (also on errors and Ctrl-C)."""
     server.start()
     try:
         server.wait_ready(ready_timeout)
         yield server
     finally:
-        server.stop()
+        server.stop(grace=grace)

@@ -144,7 +144,6 @@ class Metrics:
         )
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
-        self.rejected_queue_full = self.rejected.labels("queue_full")
         self.rejected_deadline = self.rejected.labels("deadline")
         self.rejected_disconnected = self.rejected.labels("disconnected")
         self.model_info = Gauge(

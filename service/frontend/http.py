@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -250,7 +249,3 @@ async def call_captured(run: Callable[[Send], Awaitable[None]]) -> tuple[int, li
 
     await run(send)
     return status, headers, body
-
-
-def now() -> float:
-    return time.perf_counter()
