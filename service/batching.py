@@ -345,36 +345,56 @@ class Batcher:
                 self.stats.success(len(job.seqs), time.monotonic() - job.enqueued, job.queue_s, job.inference_s)
 
     def _take_batch(self) -> list[Item]:
-        """Drop dead sequences, pick the next batch from the look-ahead window, keep the rest in order."""
+        """Pick the next batch from the look-ahead window of live sequences; keep the rest in order.
+
+        Only the head of the queue is examined: dead sequences (timed out, failed on another row, client gone)
+        are dropped as the window reaches them, so forming a batch costs O(window), not O(queue). Scanning the
+        whole queue for every batch made a deep queue quadratic: with 64 clients x 8 texts (512 queued, batches
+        of <= 24) it was 16% of the event loop's samples.
+        """
         now = time.monotonic()
-        live: list[Item] = []
-        for item in self._queue:
+        queue = self._queue
+        lookahead = self.policy.lookahead
+        window: list[Item] = []
+        verdicts: dict[int, bool] = {}  # id(job) -> alive, so a job of many rows is probed once per batch
+        scanned = 0
+        for item in queue:
+            if len(window) == lookahead:
+                break
+            scanned += 1
             job = item.job
-            if job.future.done():  # timed out, or failed on another row
-                continue
-            if job.gone is not None and job.gone():
-                self.metrics.rejected_disconnected.inc()
-                job.fail(Disconnected())
-                continue
-            if job.deadline <= now:
-                self._expire(job)
-                continue
-            live.append(item)
-        window = live[: self.policy.lookahead]
+            alive = verdicts.get(id(job))
+            if alive is None:
+                alive = verdicts[id(job)] = self._alive(job, now)
+            if alive:
+                window.append(item)
         chosen: list[Item] = []
         if window:
-            picked = select_batch([len(item.seq) for item in window], self.policy)
-            chosen = [window[i] for i in sorted(picked)]
-            taken = set(map(id, chosen))
-            live = [item for item in live if id(item) not in taken]
-        self._queue = live
+            picked = sorted(select_batch([len(item.seq) for item in window], self.policy))
+            chosen = [window[i] for i in picked]
+            taken = set(picked)
+            window = [item for i, item in enumerate(window) if i not in taken]
+        self._queue = window + queue[scanned:] if window else queue[scanned:]
         queue_hist = self.metrics.queue_duration
         for item in chosen:
             waited = now - item.job.enqueued
             item.job.queue_s = max(item.job.queue_s, waited)
             queue_hist.observe(waited)
-        self.metrics.queue_depth.set(len(live))
+        self.metrics.queue_depth.set(len(self._queue))
         return chosen
+
+    def _alive(self, job: Job, now: float) -> bool:
+        """False (and the job failed, counted) when it timed out or its client went away; False when done."""
+        if job.future.done():  # timed out, or failed on another row
+            return False
+        if job.gone is not None and job.gone():
+            self.metrics.rejected_disconnected.inc()
+            job.fail(Disconnected())
+            return False
+        if job.deadline <= now:
+            self._expire(job)
+            return False
+        return True
 
     def _compute(self, sequences: list[TokenSeq], solo: bool) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         """Runs in a worker thread: the session, then the head (scores and predicted labels) for the batch."""
