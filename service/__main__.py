@@ -50,6 +50,7 @@ def monitor_factory(settings: Settings, metrics: Metrics) -> Any:
             list(head.labels),
             reference,
             window=settings.drift_window,
+            window_s=settings.drift_window_s,
             low_margin=settings.low_margin,
         )
 

@@ -147,6 +147,9 @@ class Settings(BaseSettings):
         True, description="prediction metrics and drift PSI per model; off only to measure what they cost"
     )
     drift_window: int = Field(2000, ge=10, description="recent predictions per model that drift PSI compares")
+    drift_window_s: float = Field(
+        0.0, ge=0, description="also only those of the last N seconds (a time window); 0 = by count only"
+    )
     low_margin: float = Field(0.1, ge=0, le=1, description="a top-1 minus top-2 score below this counts as low-margin")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="text, or one JSON object per line")

@@ -7,7 +7,8 @@ Per model, one `PredictionMonitor` fed once per inference batch (in the engine p
 - `bertserve_low_margin_predictions_total{model}`: rows whose top-1 minus top-2 score is below `low_margin`
   (the model hesitated between two labels);
 - `bertserve_label_drift_psi{model}` and `bertserve_confidence_drift_psi{model}`: the population stability index
-  (PSI) of the last `window` rows against the reference distributions the bundle's manifest carries.
+  (PSI) of the last `window` rows (and, with `window_s`, only those of the last `window_s` seconds) against the
+  reference distributions the bundle's manifest carries.
 
 Why this shape:
 
@@ -256,14 +257,21 @@ class PredictionMonitor:
         reference: Reference | None,
         window: int = 2000,
         low_margin: float = 0.1,
+        window_s: float = 0.0,
     ) -> None:
+        """``window``: rows kept (the size window). ``window_s`` > 0 adds a time window: PSI over the kept rows
+        of the last ``window_s`` seconds only, so a quiet hour's few predictions are not diluted by yesterday's
+        (the size bounds the memory either way)."""
         if window < 1:
             raise ValueError("window must be at least 1")
+        if window_s < 0:
+            raise ValueError("window_s must be >= 0 (0: size window only)")
         if not labels:
             raise ValueError("a model has at least one label")
         self.model = model
         self.labels = tuple(labels)
         self.window = window
+        self.window_s = float(window_s)
         self.low_margin = float(low_margin)
         self._families = _families_for(REGISTRY if registry is None else registry)
         f = self._families
@@ -283,6 +291,7 @@ class PredictionMonitor:
         # The window: a ring of multi-hot label rows and top scores; `_head` is the next row to write.
         self._hot = np.zeros((window, len(self.labels)), dtype=np.uint8)
         self._top = np.zeros(window, dtype=np.float32)
+        self._when = np.zeros(window, dtype=np.float64)  # time.monotonic() of each row's batch (time window)
         self._head = 0
         self._filled = 0
         self._multiprocess = f.label_psi is not None
@@ -320,6 +329,7 @@ class PredictionMonitor:
         self._observe_confidence(top)
         if self._expected is None:
             return
+        now = time.monotonic()
         with self._lock:
             if n > self.window:  # only the last `window` rows can stay
                 cut = n - self.window
@@ -330,11 +340,13 @@ class PredictionMonitor:
                 self._hot[head:end] = 0
                 self._hot[np.repeat(np.arange(head, end), lengths), flat] = 1
                 self._top[head:end] = top
+                self._when[head:end] = now
             else:
                 pos = np.arange(head, end) % self.window
                 self._hot[pos] = 0
                 self._hot[np.repeat(pos, lengths), flat] = 1
                 self._top[pos] = top
+                self._when[pos] = now
             self._head = (self._head + n) % self.window
             self._filled = min(self._filled + n, self.window)
         if self._multiprocess and time.monotonic() >= self._next_refresh:
@@ -361,10 +373,13 @@ class PredictionMonitor:
             return math.nan, math.nan
         with self._lock:
             filled = self._filled
-            if filled < min(MIN_ROWS, self.window):
+            hot, top = self._hot[:filled], self._top[:filled].astype(np.float64)
+            if self.window_s > 0:
+                recent = self._when[:filled] >= time.monotonic() - self.window_s
+                hot, top = hot[recent], top[recent]
+            if len(top) < min(MIN_ROWS, self.window):
                 return math.nan, math.nan
-            label_counts = self._hot[:filled].sum(axis=0, dtype=np.int64)
-            top = self._top[:filled].astype(np.float64)
+            label_counts = hot.sum(axis=0, dtype=np.int64)
         top = np.clip(top, expected.edges[0], expected.edges[-1])
         confidence_counts, _ = np.histogram(top, bins=expected.edges)
         return psi(expected.labels, label_counts), psi(expected.confidence, confidence_counts)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+import service.monitoring as monitoring_module
 from service.monitoring import CONFIDENCE_BUCKETS, MIN_ROWS, NO_REFERENCE_WARNING, PredictionMonitor, psi
 
 REPO = Path(__file__).resolve().parents[2]
@@ -359,3 +360,27 @@ def test_multiprocess_mode_exports_counters_and_psi_gauges_through_the_mmap_file
     assert out["sport_only"]["count"] == 1000
     assert out["sport_only"]["sport"] > 500
     assert list(tmp_path.glob("gauge_mostrecent_*.db")), list(tmp_path.iterdir())
+
+
+def test_time_window_forgets_rows_older_than_window_s(
+    rng: np.random.Generator, reference: Ref, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With window_s, PSI covers only the recent rows: an old one-label burst stops counting once it is stale."""
+    clock = [1000.0]
+    monkeypatch.setattr(monitoring_module.time, "monotonic", lambda: clock[0])
+    timed = PredictionMonitor(CollectorRegistry(), "t", LABELS, reference, window=5000, window_s=60)
+    sized = PredictionMonitor(CollectorRegistry(), "s", LABELS, reference, window=5000)
+    burst = split_like(rng, 1000, np.eye(len(LABELS))[0])  # every prediction is label 0
+    for monitor in (timed, sized):
+        feed(monitor, *burst)
+    assert timed.drift()[0] > 0.2 and sized.drift()[0] > 0.2
+    clock[0] += 120  # the burst is two minutes old; normal traffic since
+    normal = split_like(rng, 1000)
+    for monitor in (timed, sized):
+        feed(monitor, *normal)
+    assert timed.drift()[0] < 0.05  # only the last minute: shaped like the split
+    assert sized.drift()[0] > 0.2  # by count, the burst is still half the window
+    clock[0] += 120  # nothing in the last minute: too few rows for a PSI
+    assert math.isnan(timed.drift()[0])
+    with pytest.raises(ValueError, match="window_s"):
+        PredictionMonitor(CollectorRegistry(), "x", LABELS, reference, window_s=-1)
