@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import orjson
 
 from service.config import Limits, Settings
 from service.engine import Engine, ModelDescriptor, RepositoryEntry, head_of, version_key
@@ -128,12 +127,11 @@ class LocalEngine:
 
 @dataclass(frozen=True)
 class ModelView:
-    """A served model as protocols see it: metadata, its tokenizer and head, pre-encoded label bytes."""
+    """A served model as protocols see it: metadata, its tokenizer and head."""
 
     desc: ModelDescriptor
     encoder: Encoder
     head: Head
-    label_json: tuple[bytes, ...]  # orjson-encoded label strings, so responses are assembled without re-encoding
 
     @property
     def name(self) -> str:
@@ -167,7 +165,7 @@ def view_of(desc: ModelDescriptor, previous: ModelView | None = None) -> ModelVi
         and previous.desc.bundle_path == desc.bundle_path
         and previous.desc.manifest == desc.manifest
     ):
-        return ModelView(desc, previous.encoder, previous.head, previous.label_json)
+        return ModelView(desc, previous.encoder, previous.head)
     from service.bundle import load_bundle
 
     bundle = load_bundle(desc.bundle_path, verify=False)  # the engine verified the checksums
@@ -176,7 +174,7 @@ def view_of(desc: ModelDescriptor, previous: ModelView | None = None) -> ModelVi
     )
     encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
     head = head_of(bundle)
-    return ModelView(desc, encoder, head, tuple(orjson.dumps(label) for label in head.labels))
+    return ModelView(desc, encoder, head)
 
 
 @dataclass(slots=True)

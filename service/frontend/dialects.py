@@ -155,16 +155,12 @@ def tei_predict_handler(plane: DataPlane) -> Handler:
 def encode_tei(result: InferResult, raw_scores: bool, single: bool) -> bytes:
     """``[{"score", "label"}...]`` sorted by score, per input; one input unwrapped, as TEI answers."""
     values = (result.logits if raw_scores else result.scores).tolist()
-    names = result.model.label_json
-    rows = []
-    for row in values:
-        order = sorted(range(len(row)), key=lambda i: -row[i])
-        rows.append(
-            b"[" + b",".join(b'{"score":%s,"label":%s}' % (orjson.dumps(row[i]), names[i]) for i in order) + b"]"
-        )
-    if single:
-        return rows[0]
-    return b"[" + b",".join(rows) + b"]"
+    names = result.model.labels
+    rows = [
+        [{"score": row[i], "label": names[i]} for i in sorted(range(len(row)), key=row.__getitem__, reverse=True)]
+        for row in values
+    ]
+    return orjson.dumps(rows[0] if single else rows)
 
 
 # -- vLLM ------------------------------------------------------------------------------------------------------
