@@ -361,3 +361,27 @@ def test_a_decision_flip_within_tolerance_is_reported_as_a_near_tie() -> None:
     enforce_parity("fp16", result, 5e-2, min_agreement=0.98)  # 0.984 passes a 0.98 rule
     with pytest.raises(ParityError, match=r"agreement 0.9844 \(at least 0.999\).*near-ties in PyTorch too.*0.0015"):
         enforce_parity("fp16", result, 5e-2, min_agreement=0.999)
+
+
+def test_fit_warns_when_the_model_collapsed_to_one_class() -> None:
+    """The BBC-derived pair task once collapsed silently (50%, every row 'same'); fit now says so."""
+    from training.__main__ import collapse_warning
+    from training.metrics import classification_report
+
+    labels = ["different", "same"]
+    truth = np.array([0, 0, 1, 1])
+    collapsed = collapse_warning(classification_report(truth, np.array([1, 1, 1, 1]), labels))
+    assert collapsed is not None and "'same' for every test row" in collapsed
+    assert collapse_warning(classification_report(truth, np.array([0, 1, 1, 1]), labels)) is None
+    assert collapse_warning(classification_report(np.array([1, 1]), np.array([1, 1]), labels)) is None  # one class
+
+
+def test_pairs_get_their_own_default_recipe() -> None:
+    """--text-pair-column without --epochs/--lr trains 3 epochs at 5e-5; explicit values win."""
+    from training.__main__ import build_parser, recipe
+
+    fit = ["fit", "--data", "x.csv", "--output", "o"]
+    parse = build_parser().parse_args
+    assert recipe(parse(fit)) == (1, 2e-4)
+    assert recipe(parse([*fit, "--text-pair-column", "b"])) == (3, 5e-5)
+    assert recipe(parse([*fit, "--text-pair-column", "b", "--epochs", "2", "--lr", "1e-4"])) == (2, 1e-4)
