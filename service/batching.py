@@ -216,7 +216,10 @@ class Batcher:
     def check_room(self, n: int) -> None:
         """Raise QueueFull now if ``n`` more sequences cannot be queued: refusing costs no tokenization."""
         if len(self._queue) + n > self.policy.max_queue:
-            self._queue = [item for item in self._queue if not item.job.future.done()]  # abandoned: no slot
+            # Batches only look at the queue's head, so dead rows further back are purged here, when they
+            # would cost a live request its place (abandoned, timed out, or the client gone: counted once).
+            now = time.monotonic()
+            self._queue = [item for item in self._queue if self._alive(item.job, now)]
         if len(self._queue) + n > self.policy.max_queue:
             raise QueueFull(self._retry_after())  # counted where it is answered (the protocol's error path)
 

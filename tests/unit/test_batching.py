@@ -216,3 +216,24 @@ def test_one_future_per_request_leaves_nothing_unretrieved_on_cancel(caplog: pyt
 
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_went_away() -> None:
+    """Batches look only at the queue's head; a full queue purges dead rows anywhere before refusing."""
+
+    async def main() -> None:
+        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=4, workers=1))
+        batcher.start()  # its scheduler first runs when this test awaits: the submits below queue together
+        far = time.monotonic() + 60
+        gone = batcher.submit(seq(3) * 2, far, gone=lambda: True)
+        live = batcher.submit(seq(3) * 2, far)
+        newcomer = batcher.submit(seq(4) * 2, far)  # 6 > 4 rows: room only once the gone client's rows go
+        with pytest.raises(Disconnected):
+            await gone
+        assert batcher.depth == 4 and not live.done() and not newcomer.done()
+        with pytest.raises(QueueFull):
+            batcher.submit(seq(3), far)  # live rows only now: refused
+        assert (await newcomer).logits[1, 0] == 4  # type: ignore[index]
+        await batcher.close()
+
+    asyncio.run(main())
