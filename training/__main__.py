@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_fit(args: argparse.Namespace) -> int:
     from training.pipeline import FitOptions, fit
 
+    epochs, lr = recipe(args)
     options = FitOptions(
         data=args.data,
         output=args.output,
@@ -211,10 +212,10 @@ def run_fit(args: argparse.Namespace) -> int:
         multi_label=args.multi_label,
         label_separator=args.label_separator,
         base_model=args.base_model,
-        epochs=recipe(args)[0],
+        epochs=epochs,
         max_length=args.max_length,
         batch_size=args.batch_size,
-        lr=recipe(args)[1],
+        lr=lr,
         weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio,
         freeze_layers=args.freeze_layers,
