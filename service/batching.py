@@ -359,17 +359,12 @@ class Batcher:
         queue = self._queue
         lookahead = self.policy.lookahead
         window: list[Item] = []
-        verdicts: dict[int, bool] = {}  # id(job) -> alive, so a job of many rows is probed once per batch
         scanned = 0
         for item in queue:
             if len(window) == lookahead:
                 break
             scanned += 1
-            job = item.job
-            alive = verdicts.get(id(job))
-            if alive is None:
-                alive = verdicts[id(job)] = self._alive(job, now)
-            if alive:
+            if self._alive(item.job, now):  # a dead job's other rows find its future done: counted once
                 window.append(item)
         chosen: list[Item] = []
         if window:
