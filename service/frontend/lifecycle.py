@@ -24,6 +24,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.core import DataPlane
 from service.engine import Engine
+from service.frontend.wire import CoalescingTransport
 
 log = logging.getLogger("bertserve.lifecycle")
 
@@ -76,9 +77,15 @@ GATE = DrainGate()
 
 
 class GracefulHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, except that shutdown never closes a connection a request may be on."""
+    """uvicorn's httptools protocol, except that shutdown never closes a connection a request may be on, and
+    each response leaves in one write (service/frontend/wire.py)."""
 
     closing = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # the cycle writes through this (flow control keeps the real transport): one write per response
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
 
     def shutdown(self) -> None:
         if not GATE.released:
