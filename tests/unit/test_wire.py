@@ -28,14 +28,19 @@ class Recorder:
         return f"extra:{name}"
 
 
+def _pair() -> tuple[Recorder, CoalescingTransport]:
+    """A recorder and the shim over it, on the running loop."""
+    real = Recorder()
+    return real, CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+
+
 async def _one_step() -> None:
     await asyncio.sleep(0)  # let the callbacks scheduled so far run
 
 
 def test_headers_and_body_written_in_one_step_leave_as_one_write() -> None:
     async def main() -> None:
-        real = Recorder()
-        shim = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        real, shim = _pair()
         shim.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
         shim.write(b"{}")
         assert real.calls == []  # held until the step ends
@@ -50,8 +55,7 @@ def test_headers_and_body_written_in_one_step_leave_as_one_write() -> None:
 
 def test_close_sends_what_is_held_before_closing() -> None:
     async def main() -> None:
-        real = Recorder()
-        shim = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        real, shim = _pair()
         shim.write(b"head")
         shim.write(b"body")
         shim.close()
@@ -64,8 +68,7 @@ def test_close_sends_what_is_held_before_closing() -> None:
 
 def test_a_connection_closed_meanwhile_gets_no_write_and_other_calls_pass_through() -> None:
     async def main() -> None:
-        real = Recorder()
-        shim = CoalescingTransport(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        real, shim = _pair()
         shim.write(b"lost")
         real.closing = True  # the peer went away before the step ended
         await _one_step()
