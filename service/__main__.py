@@ -79,6 +79,11 @@ def serve(
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         timeout_keep_alive=max(1, round(settings.keep_alive_s)),
         lifespan="on",
+        # Nothing reads the client address or scheme (no URL is built from them, logs carry request ids), so
+        # uvicorn's X-Forwarded-* middleware only cost a layer per request; and no "server: uvicorn" header.
+        # Measured together, alternated (tiny bundle, c=64): 1.07x requests/s at 1 text, 1.04x at 8 (medians).
+        proxy_headers=False,
+        server_header=False,
     )
     server = DrainingServer(config, plane, settings.drain_delay_s)
     lifecycle.on_fatal = server.fail
