@@ -349,7 +349,7 @@ class PredictionMonitor:
                 self._when[pos] = now
             self._head = (self._head + n) % self.window
             self._filled = min(self._filled + n, self.window)
-        if self._multiprocess and time.monotonic() >= self._next_refresh:
+        if self._multiprocess and now >= self._next_refresh:
             self.refresh()
 
     def _observe_confidence(self, top: npt.NDArray[np.floating]) -> None:
