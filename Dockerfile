@@ -1,9 +1,19 @@
-# syntax=docker/dockerfile:1
 #
 # bertserve images. Two runtime targets, one command (`python -m service`), no torch and no training code:
 #
 #   docker build -t bertserve:gpu .                  # default target: CUDA 13 + cuDNN 9 + onnxruntime-gpu
 #   docker build --target cpu -t bertserve:cpu .     # python:3.11-slim + CPU-only onnxruntime, ~10x smaller
+#
+# Where no registry is reachable, pass a base built from Debian packages (scripts/stand-in-base.sh) with
+# `--build-arg PYTHON_IMAGE=...` (and CUDA_IMAGE for the gpu target); README "Deploy" has the exact commands.
+# No `# syntax=` line: it makes BuildKit pull a frontend image, which fails where no registry answers.
+#
+# Stage order matters for Docker's legacy builder (the only one without buildx): it builds every stage that
+# precedes --target, so the cpu stages come first and `--target cpu` never touches the CUDA base.
+#
+# Configured from the environment only (twelve-factor): the image sets BERTSERVE_MODEL_DIR, _HOST and _PORT and
+# passes no flags (a flag would win over the environment), so `-e BERTSERVE_PORT=9000` moves the HTTP server,
+# the gRPC port (HTTP + 1 unless BERTSERVE_GRPC_PORT is set) and the HEALTHCHECK together.
 #
 # The model bundle is mounted read-only at /models (`-v $PWD/models/bbc:/models:ro`), or baked in with
 # `--build-arg MODEL_BUNDLE=models/bbc` (a directory inside the build context).
@@ -28,40 +38,20 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG MODEL_BUNDLE=deploy/docker/no-model
 
 # ---------------------------------------------------------------------------------------------------------------
-# gpu-builder: a virtual environment with the service and onnxruntime-gpu, built on the runtime base so that the
-# interpreter the venv links to is byte-for-byte the one in the final image.
-FROM ${CUDA_IMAGE} AS gpu-builder
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# DL3008 (pin apt versions) is ignored here and in the gpu stage: see the justification there.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/* \
- && python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
-WORKDIR /src
-# Dependencies first, in their own layer: a code change does not reinstall onnxruntime.
-COPY pyproject.toml README.md deploy/docker/requirements.py requirements/service.lock ./
-RUN python requirements.py --flavor gpu pyproject.toml > requirements.txt \
- && pip install --no-cache-dir -c service.lock -r requirements.txt
-# Only service/ is copied: training/ (and torch) never reach the image.
-COPY service/ service/
-RUN pip install --no-cache-dir --no-deps . \
- && python -c "import service.config, onnxruntime; print('onnxruntime', onnxruntime.__version__)"
-
-# ---------------------------------------------------------------------------------------------------------------
-# cpu-builder: the same venv with the CPU-only onnxruntime wheel.
+# cpu-builder: a virtual environment with the service and the CPU-only onnxruntime wheel.
 FROM ${PYTHON_IMAGE} AS cpu-builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+# Dependencies first, in their own layer: a code change does not reinstall onnxruntime.
 COPY pyproject.toml README.md deploy/docker/requirements.py requirements/service.lock ./
 RUN python requirements.py --flavor cpu pyproject.toml > requirements.txt \
  && pip install --no-cache-dir -c service.lock -r requirements.txt
+# Only service/ is copied: training/ (and torch) never reach the image.
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps . \
- && python -c "import service.config, onnxruntime; print('onnxruntime', onnxruntime.__version__)"
+ && python -c "import pkgutil, importlib, service, onnxruntime; [importlib.import_module(m.name) for m in pkgutil.walk_packages(service.__path__, 'service.')]; print('onnxruntime', onnxruntime.__version__)"
 
 # ---------------------------------------------------------------------------------------------------------------
 # cpu: small runtime image. Non-root (numeric uid, so Kubernetes' runAsNonRoot can verify it).
@@ -76,16 +66,39 @@ COPY ${MODEL_BUNDLE}/ /models/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    BERTSERVE_MODEL_DIR=/models \
+    BERTSERVE_HOST=0.0.0.0 \
+    BERTSERVE_PORT=8000 \
     BERTSERVE_PROVIDER=cpu
 WORKDIR /opt/bertserve
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 # Liveness only: /readyz (model loaded and warm) is for load balancers and Kubernetes readiness.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "/opt/bertserve/healthcheck.py", "http://127.0.0.1:8000/healthz"]
+    CMD ["python", "/opt/bertserve/healthcheck.py"]
 # Exec form: python is PID 1 and receives SIGTERM itself (readiness 503, drain, exit 0).
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["--model-dir", "/models", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------------------------
+# gpu-builder: the same venv with onnxruntime-gpu, built on the runtime base so that the interpreter the venv
+# links to is byte-for-byte the one in the final image.
+FROM ${CUDA_IMAGE} AS gpu-builder
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# DL3008 (pin apt versions) is ignored here and in the gpu stage: see the justification there.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md deploy/docker/requirements.py requirements/service.lock ./
+RUN python requirements.py --flavor gpu pyproject.toml > requirements.txt \
+ && pip install --no-cache-dir -c service.lock -r requirements.txt
+COPY service/ service/
+RUN pip install --no-cache-dir --no-deps . \
+ && python -c "import pkgutil, importlib, service, onnxruntime; [importlib.import_module(m.name) for m in pkgutil.walk_packages(service.__path__, 'service.')]; print('onnxruntime', onnxruntime.__version__)"
 
 # ---------------------------------------------------------------------------------------------------------------
 # gpu (default target): CUDA 13 + cuDNN 9 runtime, onnxruntime-gpu.
@@ -107,11 +120,14 @@ COPY deploy/docker/healthcheck.py /opt/bertserve/healthcheck.py
 COPY ${MODEL_BUNDLE}/ /models/
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
+    BERTSERVE_MODEL_DIR=/models \
+    BERTSERVE_HOST=0.0.0.0 \
+    BERTSERVE_PORT=8000
 WORKDIR /opt/bertserve
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "/opt/bertserve/healthcheck.py", "http://127.0.0.1:8000/healthz"]
+    CMD ["python", "/opt/bertserve/healthcheck.py"]
 ENTRYPOINT ["python", "-m", "service"]
-CMD ["--model-dir", "/models", "--host", "0.0.0.0", "--port", "8000"]

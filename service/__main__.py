@@ -19,6 +19,10 @@ from typing import Any
 # req/s with it, 5,376 without (loop CPU per request the same, the pool's threads 0.088 -> 0.061 ms). The
 # variable is read when the tokenizer first runs, so set it before anything tokenizes; a user's value wins.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ONNX Runtime's official Linux builds (1.29+) initialise Microsoft's 1DS telemetry on import: a device id written
+# under ~/.cache (a warning on a read-only root filesystem) and events for upload. A server, often air-gapped,
+# sends nothing anywhere unless its operator says so; ORT reads the variable at import, so set it first.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import uvicorn
 
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # pydantic's message names the bad setting
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    secrets = [settings.api_key.get_secret_value()] if settings.api_key else []
+    secrets = settings.secrets()
     configure_logging(settings.log_level, settings.log_format, secrets)
     if settings.api_workers > 1:
         from service.ipc import supervise

@@ -60,14 +60,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BERTSERVE_", extra="ignore", env_ignore_empty=True)
 
     model_dir: Path = Field(Path("models/bbc"), description="one model bundle directory written by `training`")
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="serve the model_dir bundle under this name, not its manifest's (KServe: the service's name)",
+    )
     model_repository: Path | None = Field(
         None,
         description="serve every bundle under this directory; NAME/VERSION/ or NAME/ bundles, instead of model_dir",
     )
     version_policy: int = Field(1, ge=0, description="repository versions served per model: the latest N; 0 = all")
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in containers")
+    host: str = Field("127.0.0.1", description="address to bind (HTTP and gRPC); the image sets 0.0.0.0")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
-    grpc_port: int = Field(8001, ge=0, le=65535, description="KServe v2 gRPC port; 0 turns gRPC off")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="KServe v2 gRPC port; unset: HTTP port + 1; 0: off")
     api_workers: int = Field(
         1,
         ge=1,
@@ -133,8 +138,14 @@ class Settings(BaseSettings):
     )
     warmup_runs: int = Field(2, ge=0, description="runs of each warm-up shape before readiness turns on")
     api_key: SecretStr | None = Field(
-        None, description="inference, repository and admin calls need `Authorization: Bearer <key>`; unset: open"
+        None, description="inference calls need `Authorization: Bearer <key>`; unset: open"
     )
+    api_key_file: Path | None = Field(None, description="read api_key from this file (a mounted secret)")
+    admin_api_key: SecretStr | None = Field(
+        None,
+        description="the model repository API and reload need this key, not api_key; unset: api_key",
+    )
+    admin_api_key_file: Path | None = Field(None, description="read admin_api_key from this file")
     auth_all: bool = Field(False, description="also require the key on health, readiness and metrics")
     drain_delay_s: float = Field(
         0.0, ge=0, description="after SIGTERM, seconds readiness is 503 while the listener still accepts"
@@ -159,9 +170,29 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_request_timeout_s < self.request_timeout_s:
             raise ValueError("max_request_timeout_s must be >= request_timeout_s")
+        if self.grpc_port is None:  # follows the HTTP port, so moving one server moves both (off with port 0)
+            if self.port == 65535:
+                raise ValueError("port 65535 leaves no port for gRPC: set grpc_port (0 turns gRPC off)")
+            self.grpc_port = self.port + 1 if self.port else 0
         if self.grpc_port and self.grpc_port == self.port:
             raise ValueError("grpc_port must differ from port (or be 0 to turn gRPC off)")
+        self.api_key = _secret("api_key", self.api_key, self.api_key_file)
+        self.admin_api_key = _secret("admin_api_key", self.admin_api_key, self.admin_api_key_file)
         return self
+
+    @property
+    def grpc_listen_port(self) -> int:
+        """The gRPC port in force (0: off); the validator has resolved an unset one."""
+        return self.grpc_port or 0
+
+    @property
+    def admin_key(self) -> SecretStr | None:
+        """The key that guards the model repository and reload: the admin key, else the API key."""
+        return self.admin_api_key or self.api_key
+
+    def secrets(self) -> list[str]:
+        """Every configured key, for the log filter that keeps them out of the logs."""
+        return [key.get_secret_value() for key in (self.api_key, self.admin_api_key) if key is not None]
 
     @property
     def threads(self) -> int:
@@ -198,6 +229,24 @@ class Settings(BaseSettings):
             request_timeout_s=self.request_timeout_s,
             max_request_timeout_s=self.max_request_timeout_s,
         )
+
+
+def _secret(name: str, value: SecretStr | None, path: Path | None) -> SecretStr | None:
+    """A key given directly or read from a file (surrounding whitespace and the trailing newline dropped).
+
+    Both may be set only when they agree: a process started from another's settings carries both.
+    """
+    if path is None:
+        return value
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{name}_file: cannot read {path}: {exc}") from None
+    if not text:
+        raise ValueError(f"{name}_file: {path} is empty")
+    if value is not None and value.get_secret_value() != text:
+        raise ValueError(f"set {name} or {name}_file, not both")
+    return SecretStr(text)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

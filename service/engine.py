@@ -158,7 +158,7 @@ class Engine:
     def _load_one(self, path: Path, name: str | None, variant: str | None) -> LoadedModel:
         """Verify a bundle and create its session(s) (blocking: call it in a thread)."""
         bundle = load_bundle(path, verify=True)
-        if name is not None:  # repository mode: the directory names the model (as in Triton)
+        if name is not None:  # repository mode: the directory names the model (as in Triton); or model_name
             version = path.name if path.parent.name == name else bundle.manifest.version
             manifest = bundle.manifest.model_copy(update={"name": name, "version": version})
             bundle = bundle.model_copy(update={"manifest": manifest})
@@ -206,7 +206,7 @@ class Engine:
         reported UNAVAILABLE (as Triton does) and only a repository where nothing loads raises.
         """
         if self.settings.model_repository is None:
-            model = self._load_one(self.settings.model_dir, None, None)
+            model = self._load_one(self.settings.model_dir, self.settings.model_name, None)
             self._prepared = {model.name: [model]}
             return
         for name, paths in self.repository_models().items():
@@ -306,7 +306,8 @@ class Engine:
             if not self.ready:
                 raise NotReady("server is starting; reload not applied")
             try:
-                model = await self._load_and_warm(model_dir or self.settings.model_dir, None, variant)
+                path = model_dir or self.settings.model_dir
+                model = await self._load_and_warm(path, self.settings.model_name, variant)
             except Exception as exc:  # whatever stops the new bundle loading or warming, the old one serves on
                 log.warning("reload refused: %s", exc)
                 raise Unprocessable(f"reload refused, still serving the old model: {exc}") from None

@@ -251,9 +251,7 @@ def engine_main(settings_dump: dict[str, Any], path: str, conn: Connection, pare
 
     die_with_parent(parent)
     settings = Settings(**settings_dump)
-    configure_logging(
-        settings.log_level, settings.log_format, [settings.api_key.get_secret_value()] if settings.api_key else []
-    )
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orchestrates shutdown
     metrics = Metrics()
     tracing = setup_tracing()
@@ -503,9 +501,7 @@ def api_main(settings_dump: dict[str, Any], path: str, index: int, parent: int) 
 
     die_with_parent(parent)
     settings = Settings(**settings_dump)
-    configure_logging(
-        settings.log_level, settings.log_format, [settings.api_key.get_secret_value()] if settings.api_key else []
-    )
+    configure_logging(settings.log_level, settings.log_format, settings.secrets())
     metrics = Metrics()
     client = RemoteEngine(path, index)
     plane = DataPlane(settings, client, metrics)

@@ -299,9 +299,9 @@ def add_native_routes(api: FastAPI, settings: Settings, plane: DataPlane, kit: K
     )
     async def admin_reload(request: Request) -> Response:
         """Load a bundle (default: the configured directory), warm it, swap it in; protected by the API key."""
-        if settings.api_key is None:
-            raise Forbidden("the admin API is disabled; set BERTSERVE_API_KEY to enable it")
-        authorize(dict(request.scope["headers"]), settings)
+        if settings.admin_key is None:
+            raise Forbidden("the admin API is disabled; set BERTSERVE_ADMIN_API_KEY or BERTSERVE_API_KEY to enable it")
+        authorize(dict(request.scope["headers"]), settings, admin=True)
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
             from service.errors import PayloadTooLarge

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from fastapi import FastAPI
@@ -46,6 +46,7 @@ log = logging.getLogger("bertserve.grpc")
 
 Message = Any  # a protobuf message of the tritonclient stubs (untyped)
 Rpc = Callable[[Message, grpc.aio.ServicerContext[Any, Any]], Awaitable[Message]]
+Access = Literal["open", "inference", "admin"]  # which key a call needs (open: none, unless auth_all)
 
 # HTTP-equivalent status per outcome, so one alert on bertserve_requests_total{status=~"5.."} covers both
 CANCELLED_STATUS = 499
@@ -98,25 +99,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         self.observe = kit.observe  # the kit's bound metric children, shared with the HTTP routes
 
     # -- the shared wrapper -----------------------------------------------------------------------------------
-    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        if self.settings.api_key is None:
+    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any], admin: bool) -> None:
+        key = self.settings.admin_key if admin else self.settings.api_key
+        if key is None:
             return
         header = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization":
                 header = value if isinstance(value, str) else value.decode("latin-1")
-        check_token(header, self.settings)
+        check_token(header, key)
 
     async def _call(
-        self, name: str, rpc: Rpc, request: Message, context: grpc.aio.ServicerContext[Any, Any], protected: bool
+        self, name: str, rpc: Rpc, request: Message, context: grpc.aio.ServicerContext[Any, Any], access: Access
     ) -> Message:
         endpoint = f"grpc:{name}"
         started = time.perf_counter()
         status = 200
         self.metrics.inflight.inc()
         try:
-            if protected or self.settings.auth_all:
-                self._authorize(context)
+            if access != "open" or self.settings.auth_all:
+                self._authorize(context, admin=access == "admin")
             return await rpc(request, context)
         except ServeError as exc:
             status = exc.status
@@ -146,13 +148,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         async def rpc(_: Message, __: Any) -> Message:
             return pb.ServerLiveResponse(live=True)
 
-        return await self._call("ServerLive", rpc, request, context, False)
+        return await self._call("ServerLive", rpc, request, context, "open")
 
     async def ServerReady(self, request: Message, context: Any) -> Message:
         async def rpc(_: Message, __: Any) -> Message:
             return pb.ServerReadyResponse(ready=self.plane.ready)
 
-        return await self._call("ServerReady", rpc, request, context, False)
+        return await self._call("ServerReady", rpc, request, context, "open")
 
     async def ModelReady(self, request: Message, context: Any) -> Message:
         async def rpc(req: Message, _: Any) -> Message:
@@ -162,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=True)
 
-        return await self._call("ModelReady", rpc, request, context, False)
+        return await self._call("ModelReady", rpc, request, context, "open")
 
     async def ServerMetadata(self, request: Message, context: Any) -> Message:
         from service.frontend.app import extensions
@@ -172,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 name="bertserve", version=self.api.version, extensions=extensions(self.api)
             )
 
-        return await self._call("ServerMetadata", rpc, request, context, False)
+        return await self._call("ServerMetadata", rpc, request, context, "open")
 
     async def ModelMetadata(self, request: Message, context: Any) -> Message:
         async def rpc(req: Message, _: Any) -> Message:
@@ -184,7 +186,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
                 name=doc["name"], versions=doc["versions"], platform=doc["platform"], **tensors
             )
 
-        return await self._call("ModelMetadata", rpc, request, context, False)
+        return await self._call("ModelMetadata", rpc, request, context, "open")
 
     async def ModelConfig(self, request: Message, context: Any) -> Message:
         from service.frontend.triton import model_config
@@ -195,7 +197,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             config = json_format.ParseDict(doc, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
             return pb.ModelConfigResponse(config=config)
 
-        return await self._call("ModelConfig", rpc, request, context, False)
+        return await self._call("ModelConfig", rpc, request, context, "open")
 
     async def ModelStatistics(self, request: Message, context: Any) -> Message:
         from service.frontend.triton import statistics
@@ -204,7 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             doc = await statistics(self.plane, req.name or None, req.version or None)
             return json_format.ParseDict(doc, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
-        return await self._call("ModelStatistics", rpc, request, context, False)
+        return await self._call("ModelStatistics", rpc, request, context, "open")
 
     # -- the repository extension -----------------------------------------------------------------------------
     async def RepositoryIndex(self, request: Message, context: Any) -> Message:
@@ -214,25 +216,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             rows = await repository_index(self.plane, bool(req.ready))
             return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
-        return await self._call("RepositoryIndex", rpc, request, context, True)
+        return await self._call("RepositoryIndex", rpc, request, context, "admin")
 
     async def RepositoryModelLoad(self, request: Message, context: Any) -> Message:
         async def rpc(req: Message, _: Any) -> Message:
             await self.plane.engine.load(req.model_name)
             return pb.RepositoryModelLoadResponse()
 
-        return await self._call("RepositoryModelLoad", rpc, request, context, True)
+        return await self._call("RepositoryModelLoad", rpc, request, context, "admin")
 
     async def RepositoryModelUnload(self, request: Message, context: Any) -> Message:
         async def rpc(req: Message, _: Any) -> Message:
             await self.plane.engine.unload(req.model_name)
             return pb.RepositoryModelUnloadResponse()
 
-        return await self._call("RepositoryModelUnload", rpc, request, context, True)
+        return await self._call("RepositoryModelUnload", rpc, request, context, "admin")
 
     # -- inference --------------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Message, context: Any) -> Message:
-        return await self._call("ModelInfer", self._infer, request, context, True)
+        return await self._call("ModelInfer", self._infer, request, context, "inference")
 
     async def _infer(self, request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
         timing = Timing()
@@ -280,13 +282,13 @@ def make_server(api: FastAPI, settings: Settings, plane: DataPlane, kit: Kit) ->
 
 def register(api: FastAPI, front: Any, settings: Settings, plane: DataPlane, kit: Kit) -> None:
     """Start the gRPC server with the HTTP server (lifecycle hooks), on ``grpc_port``; nothing when it is 0."""
-    if not settings.grpc_port:
+    if not settings.grpc_listen_port:
         return
     state: dict[str, grpc.aio.Server] = {}
 
     async def start() -> None:
         server = make_server(api, settings, plane, kit)
-        address = f"{settings.host}:{settings.grpc_port}"
+        address = f"{settings.host}:{settings.grpc_listen_port}"
         try:
             port = server.add_insecure_port(address)
         except RuntimeError as exc:

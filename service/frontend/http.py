@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import SecretStr
 from starlette.types import Message, Receive, Scope, Send
 
 from service.config import Settings
@@ -82,20 +83,21 @@ def error_body(exc: ServeError, rid: str) -> bytes:
     return orjson.dumps({"error": exc.message, "type": exc.type, "request_id": rid})
 
 
-def authorize(headers: dict[bytes, bytes], settings: Settings) -> None:
-    """Raise Unauthorized unless the request carries ``Authorization: Bearer <API key>`` (when a key is set)."""
-    if settings.api_key is None:
+def authorize(headers: dict[bytes, bytes], settings: Settings, admin: bool = False) -> None:
+    """Raise Unauthorized unless the request carries ``Authorization: Bearer <key>`` (when a key is set): the API
+    key, or for ``admin`` calls (model repository, reload) the admin key."""
+    key = settings.admin_key if admin else settings.api_key
+    if key is None:
         return
-    check_token(headers.get(b"authorization", b"").decode("latin-1"), settings)
+    check_token(headers.get(b"authorization", b"").decode("latin-1"), key)
 
 
-def check_token(header: str, settings: Settings) -> None:
-    """Constant-time comparison of a ``Bearer`` header (HTTP) or metadata value (gRPC) with the API key."""
-    if settings.api_key is None:
+def check_token(header: str, key: SecretStr | None) -> None:
+    """Constant-time comparison of a ``Bearer`` header (HTTP) or metadata value (gRPC) with ``key``."""
+    if key is None:
         return
     scheme, _, token = header.partition(" ")
-    expected = settings.api_key.get_secret_value().encode()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
         raise Unauthorized()
 
 

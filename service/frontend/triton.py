@@ -213,8 +213,8 @@ def register(api: FastAPI, front: Front, settings: Settings, plane: DataPlane, k
     protected: dict[int | str, dict[str, Any]] = {k: ERROR_DOCS[k] for k in (400, 401, 404, 422)}
 
     async def options(request: Request) -> dict[str, Any]:
-        """Authorize, then the optional JSON body of a repository call ({} when empty)."""
-        authorize(dict(request.scope["headers"]), settings)
+        """Authorize (the admin key), then the optional JSON body of a repository call ({} when empty)."""
+        authorize(dict(request.scope["headers"]), settings, admin=True)
         raw = await request.body()
         if len(raw) > settings.max_body_bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {settings.max_body_bytes} bytes")

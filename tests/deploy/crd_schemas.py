@@ -1,10 +1,14 @@
-"""JSON schemas for the custom resources in k8s/components, which kubernetes-validate has no schema for.
+"""JSON schemas for the custom resources in k8s/components and k8s/kserve, which kubernetes-validate has no schema
+for.
 
-Written for this repository from the Prometheus Operator (monitoring.coreos.com/v1) and KEDA (keda.sh/v1alpha1)
+Written for this repository from the Prometheus Operator (monitoring.coreos.com/v1), KEDA (keda.sh/v1alpha1) and
+KServe (serving.kserve.io: ServingRuntime v1alpha1, InferenceService v1beta1; field names as in KServe's CRDs)
 API references. They cover the fields those APIs define at the levels this repository writes, with
 `additionalProperties: false` there, so a misspelt or misplaced field fails the same way kubernetes-validate's
 strict mode fails it on built-in kinds. Deeper objects that the manifests here do not use (TLS, auth,
-relabelings) are accepted as objects without further checks.
+relabelings) are accepted as objects without further checks. Where a KServe field is a Kubernetes core type (a
+Container, a Volume), the schema here only requires an object and test_deploy_kserve.py validates it with
+kubernetes-validate inside a Pod.
 """
 
 from __future__ import annotations
@@ -248,7 +252,106 @@ SCALED_OBJECT = _resource(
     },
 )
 
+
+def _fields(names: str, **typed: Any) -> dict[str, Any]:
+    """Properties for every field name in `names` (an object or anything where no type is given)."""
+    return {name: typed.get(name, {}) for name in names.split()}
+
+
+# ServingRuntimeSpec's fields, as KServe's servingruntimes CRD lists them.
+SERVING_RUNTIME = _resource(
+    "serving.kserve.io/v1alpha1",
+    "ServingRuntime",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["containers"],
+        "properties": _fields(
+            "affinity annotations builtInAdapter containers disabled grpcDataEndpoint grpcEndpoint hostIPC "
+            "httpDataEndpoint imagePullSecrets labels multiModel nodeSelector protocolVersions replicas "
+            "resourceClaims schedulerName storageHelper supportedModelFormats tolerations volumes workerSpec",
+            annotations=_STRING_MAP,
+            labels=_STRING_MAP,
+            containers={"type": "array", "minItems": 1, "items": _OBJECT},
+            volumes={"type": "array", "items": _OBJECT},
+            disabled={"type": "boolean"},
+            multiModel={"type": "boolean"},
+            protocolVersions={"type": "array", "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}},
+            supportedModelFormats={
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": _fields(
+                        "autoSelect name priority version",
+                        autoSelect={"type": "boolean"},
+                        name={"type": "string"},
+                        priority={"type": "integer", "minimum": 1},
+                        version={"type": "string"},
+                    ),
+                },
+            },
+        ),
+    },
+)
+
+# The predictor's model: a Container's fields plus these (ModelSpec in KServe's v1beta1 API).
+KSERVE_MODEL_FIELDS = "modelFormat protocolVersion runtime runtimeVersion storage storageUri"
+_PREDICTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": _fields(
+        "activeDeadlineSeconds affinity annotations autoScaling automountServiceAccountToken batcher "
+        "canaryTrafficPercent containerConcurrency containers deploymentStrategy dnsConfig dnsPolicy "
+        "enableServiceLinks hostAliases hostIPC hostNetwork hostPID hostUsers hostname hostnameOverride huggingface "
+        "imagePullSecrets initContainers labels lightgbm logger maxReplicas minReplicas model name nodeName "
+        "nodeSelector onnx os overhead paddle pmml preemptionPolicy priority priorityClassName pytorch "
+        "readinessGates resourceClaims resources restartPolicy runtimeClassName scaleMetric scaleMetricType "
+        "scaleTarget schedulerName schedulingGates securityContext serviceAccount serviceAccountName "
+        "setHostnameAsFQDN shareProcessNamespace sklearn storageContainerName storageUris subdomain tensorflow "
+        "terminationGracePeriodSeconds timeout tolerations topologySpreadConstraints triton volumes workerSpec "
+        "xgboost",
+        annotations=_STRING_MAP,
+        labels=_STRING_MAP,
+        minReplicas={"type": "integer", "minimum": 0},
+        maxReplicas={"type": "integer", "minimum": 0},
+        scaleMetric={"enum": ["cpu", "memory", "concurrency", "rps"]},
+        scaleTarget={"type": "integer", "minimum": 1},
+        canaryTrafficPercent={"type": "integer", "minimum": 0, "maximum": 100},
+        containerConcurrency={"type": "integer", "minimum": 0},
+        timeout={"type": "integer", "minimum": 1},
+        model={
+            "type": "object",
+            "required": ["modelFormat"],
+            "properties": {
+                "modelFormat": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+                },
+                "protocolVersion": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]},
+                "runtime": {"type": "string"},
+                "storageUri": {"type": "string", "pattern": "^[a-z0-9+.-]+://"},
+            },
+        },
+    ),
+}
+INFERENCE_SERVICE = _resource(
+    "serving.kserve.io/v1beta1",
+    "InferenceService",
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["predictor"],
+        "properties": _fields("canary explainer predictor transformer", predictor=_PREDICTOR),
+    },
+)
+
 CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("serving.kserve.io/v1alpha1", "ServingRuntime"): SERVING_RUNTIME,
+    ("serving.kserve.io/v1beta1", "InferenceService"): INFERENCE_SERVICE,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,

@@ -7,6 +7,7 @@ other suites may reshape.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -184,6 +185,11 @@ def parse_dockerfile(path: Path) -> Dockerfile:
     return Dockerfile(global_args, stages)
 
 
+def image_settings(stage: Stage) -> dict[str, str]:
+    """The BERTSERVE_* settings the image sets (ENV): the image passes no flags, so these are its configuration."""
+    return {k: v for k, v in stage.env().items() if k.startswith("BERTSERVE_")}
+
+
 def image_argv(stage: Stage) -> list[str]:
     """What `docker run IMAGE` executes: exec-form ENTRYPOINT + exec-form CMD of the stage."""
     entrypoint = stage.last("ENTRYPOINT")
@@ -352,6 +358,59 @@ def exposition_names(text: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# What Grafana and Prometheus are given to evaluate
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every dashboard target, and the selector of every template variable."""
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/bertserve.json").read_text(encoding="utf-8"))
+    out = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    for variable in dashboard["templating"]["list"]:
+        # label_values(SELECTOR, LABEL) is Grafana's; its selector is PromQL.
+        match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
+        assert match, variable["query"]
+        out.append((f"variable {variable['name']}", match.group(1)))
+    return out
+
+
+def grafana_to_promql(expr: str, rate_interval: str) -> str:
+    """A panel's expression as Grafana sends it: its built-in variables filled in, dashboard variables (job,
+    instance) matching every value. Grafana's $__rate_interval is max(4 x scrape interval, $__interval + scrape)."""
+    for name, value in {"$__rate_interval": rate_interval, "$__interval": "5s", "$__range": "5m"}.items():
+        expr = expr.replace(name, value)
+    return re.sub(r"\$\w+", ".*", expr)
+
+
+def rule_exprs() -> list[tuple[str, str]]:
+    """(alert or record name, PromQL) of every rule in deploy/rules."""
+    out = []
+    for path in sorted((DEPLOY / "rules").glob("*.yml")):
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            out += [(rule.get("alert") or rule["record"], rule["expr"]) for rule in group["rules"]]
+    return out
+
+
+TEXTS = ["a great film, I loved it", "the hotel was terrible", "it was okay I guess", "fine", "x " * 40]
+
+
+def send_traffic(url: str, headers: Mapping[str, str] | None = None) -> None:
+    """Bounded traffic: single and batched predicts, some concurrent (so batches form), one v2 infer, and refused
+    requests (a malformed body, too many inputs) so that error series exist too."""
+    with httpx.Client(base_url=url, timeout=30.0, headers=dict(headers or {})) as client:
+        for text in TEXTS:
+            assert client.post("/v1/predict", json={"inputs": text}).status_code == 200
+        assert client.post("/v1/predict", json={"inputs": TEXTS}).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            codes = list(pool.map(lambda t: client.post("/v1/predict", json={"inputs": t}).status_code, TEXTS * 4))
+        assert codes == [200] * len(codes)
+        name = client.get("/v1/models").json()["name"]
+        v2 = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}]}
+        assert client.post(f"/v2/models/{name}/infer", json=v2).status_code == 200
+        assert client.post("/v1/predict", json={"inputs": 42}).status_code == 422
+        assert client.post("/v1/predict", json={"inputs": ["x"] * 10_000}).status_code == 413
+
+
+# --------------------------------------------------------------------------------------------------------------
 # A real server
 
 
@@ -359,11 +418,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def service_argv(model_dir: Path | str, port: int, host: str = "127.0.0.1") -> list[str]:
-    """How the tests start the service; the Dockerfile and the k8s manifests must start it the same way."""
-    return [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--host", host, "--port", str(port)]
 
 
 @dataclass
@@ -388,13 +442,21 @@ class Server:
 
 
 def start_server(
-    argv: Sequence[str], port: int, log: Path, env: Mapping[str, str] | None = None, timeout: float = 120.0
+    argv: Sequence[str],
+    port: int,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    cwd: Path = REPO,
+    inherit: bool = True,
 ) -> Server:
-    """Start `argv` (a `python -m service ...` command line) and wait until GET /readyz answers 200."""
-    full_env = {**os.environ, **(env or {})}
+    """Start `argv` (a `python -m service ...` command line) in `cwd` and wait until GET /readyz answers 200.
+
+    `env` is added to this process's environment, or is the whole environment when `inherit` is false."""
+    full_env = {**(os.environ if inherit else {}), **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     handle = log.open("wb")
-    process = subprocess.Popen(list(argv), cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(list(argv), cwd=cwd, env=full_env, stdout=handle, stderr=subprocess.STDOUT)
     handle.close()
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + timeout

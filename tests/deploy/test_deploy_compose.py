@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_support import DEPLOY, REPO, image_argv, parse_dockerfile, require_tool
+from deploy_support import DEPLOY, REPO, image_settings, parse_dockerfile, require_tool
 
 COMPOSE = REPO / "docker-compose.yml"
 APP_SERVICES = {"bertserve-gpu": "gpu", "bertserve-cpu": "cpu"}  # service -> Dockerfile target and profile
@@ -74,14 +74,16 @@ def test_app_services_run_the_image_command_and_health_check() -> None:
     for name, target in APP_SERVICES.items():
         service = compose["services"][name]
         stage = dockerfile.stage(target)
-        entrypoint = stage.last("ENTRYPOINT").exec_form()
-        argv = entrypoint + service["command"] if "command" in service else image_argv(stage)
-        assert argv == image_argv(stage), f"{name}: {argv} != the image's {image_argv(stage)}"
+        # a `command:` would pass flags, and flags win over the environment the service is configured by
+        assert "command" not in service and "entrypoint" not in service, name
         healthcheck = stage.last("HEALTHCHECK").body().partition(" ")[2]
         assert service["healthcheck"]["test"] == ["CMD", *yaml.safe_load(healthcheck)], name
         assert seconds(service["healthcheck"]["start_period"]) >= 60, "model load + warm-up need time"
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"], name
         assert "bertserve" in service["networks"]["default"]["aliases"], "Prometheus scrapes bertserve:8000"
+        port = int({**image_settings(stage), **service["environment"]}["BERTSERVE_PORT"])
+        published = {p.rsplit(":", 1)[1] for p in service["ports"]}
+        assert published == {str(port), str(port + 1)}, f"{name}: publish HTTP and gRPC, not {published}"
 
 
 def test_settings_are_real_and_valid(compose, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,7 +147,8 @@ def test_prometheus_scrapes_the_app_and_loads_the_rules(compose) -> None:
         for name in APP_SERVICES:
             service = compose["services"][name]
             assert host in service["networks"]["default"]["aliases"], f"{host} does not resolve to {name}"
-            assert port == service["command"][service["command"].index("--port") + 1]
+            stage = parse_dockerfile(REPO / "Dockerfile").stage(APP_SERVICES[name])
+            assert port == {**image_settings(stage), **service["environment"]}["BERTSERVE_PORT"], name
 
 
 def test_grafana_provisioning_matches_the_mounts(compose) -> None:
@@ -160,4 +163,4 @@ def test_grafana_provisioning_matches_the_mounts(compose) -> None:
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
     url = datasource["datasources"][0]["url"]
     assert re.fullmatch(r"http://prometheus:9090/?", url), url
-    assert "prometheus" in compose["services"] and "9090:9090" in compose["services"]["prometheus"]["ports"]
+    assert [p.rsplit(":", 1)[1] for p in compose["services"]["prometheus"]["ports"]] == ["9090"]

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from deploy_support import DEPLOY, metric_names
@@ -131,3 +132,84 @@ def test_prediction_panels_read_series_the_monitor_exports(dashboard) -> None:
     read = {n for e in exprs(dashboard) for n in metric_names(e) if any(k in n for k in monitoring_names)}
     assert len(read) >= 5, read
     assert read <= exposed, read - exposed
+
+
+# Grafana's provisioning file formats (apiVersion 1), from its "Provision Grafana" reference: the fields of a
+# datasource and of a dashboard provider, closed, so a misspelt key fails here instead of being ignored by Grafana
+# (which cannot be pulled here to load them).
+_DATASOURCE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "type"],
+    "properties": {
+        "name": {"type": "string"},
+        "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+        "type": {"type": "string"},
+        "access": {"enum": ["proxy", "direct"]},
+        "orgId": {"type": "integer"},
+        "url": {"type": "string", "pattern": "^https?://"},
+        "user": {"type": "string"},
+        "database": {"type": "string"},
+        "basicAuth": {"type": "boolean"},
+        "basicAuthUser": {"type": "string"},
+        "withCredentials": {"type": "boolean"},
+        "isDefault": {"type": "boolean"},
+        "version": {"type": "integer"},
+        "editable": {"type": "boolean"},
+        "jsonData": {"type": "object"},
+        "secureJsonData": {"type": "object"},
+    },
+}
+_PROVIDER = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "type", "options"],
+    "properties": {
+        "name": {"type": "string"},
+        "orgId": {"type": "integer"},
+        "folder": {"type": "string"},
+        "folderUid": {"type": "string"},
+        "type": {"const": "file"},
+        "disableDeletion": {"type": "boolean"},
+        "updateIntervalSeconds": {"type": "integer", "minimum": 1},
+        "allowUiUpdates": {"type": "boolean"},
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["path"],
+            "properties": {"path": {"type": "string"}, "foldersFromFilesStructure": {"type": "boolean"}},
+        },
+    },
+}
+PROVISIONING_SCHEMAS = {
+    "datasources": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "datasources"],
+        "properties": {
+            "apiVersion": {"const": 1},
+            "datasources": {"type": "array", "minItems": 1, "items": _DATASOURCE},
+            "deleteDatasources": {"type": "array"},
+            "prune": {"type": "boolean"},
+        },
+    },
+    "dashboards": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "providers"],
+        "properties": {"apiVersion": {"const": 1}, "providers": {"type": "array", "minItems": 1, "items": _PROVIDER}},
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROVISIONING_SCHEMAS))
+def test_provisioning_files_follow_grafanas_format(kind: str) -> None:
+    files = sorted((DEPLOY / "grafana/provisioning" / kind).glob("*.yml"))
+    assert files
+    for path in files:
+        jsonschema.validate(yaml.safe_load(path.read_text(encoding="utf-8")), PROVISIONING_SCHEMAS[kind])
+    broken = yaml.safe_load(files[0].read_text(encoding="utf-8"))
+    entries = broken["datasources" if kind == "datasources" else "providers"]
+    entries[0]["isDefualt" if kind == "datasources" else "disableDeletions"] = True  # a control: a typo fails
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, PROVISIONING_SCHEMAS[kind])

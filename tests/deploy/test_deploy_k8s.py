@@ -15,7 +15,19 @@ import kubernetes_validate
 import pytest
 import yaml
 from crd_schemas import CRD_SCHEMAS
-from deploy_support import COMPONENTS, DEPLOY, K8S, OVERLAYS, REPO, find, image_argv, kustomize, one, parse_dockerfile
+from deploy_support import (
+    COMPONENTS,
+    DEPLOY,
+    K8S,
+    OVERLAYS,
+    REPO,
+    find,
+    image_argv,
+    image_settings,
+    kustomize,
+    one,
+    parse_dockerfile,
+)
 
 from service.config import Settings
 
@@ -144,13 +156,13 @@ def test_container_starts_the_service_like_the_image_and_the_tests(rendered, bui
     c = container(rendered[build])
     overlay = build.split("+")[0]
     stage = parse_dockerfile(REPO / "Dockerfile").stage(overlay)
-    entrypoint = stage.last("ENTRYPOINT").exec_form()
-    cmd = stage.last("CMD").exec_form()
-    argv = c.get("command", entrypoint) + c.get("args", cmd if "command" not in c else [])
-    assert argv == image_argv(stage), argv
-    assert argv[:3] == ["python", "-m", "service"]
-    port = argv[argv.index("--port") + 1]
-    assert {p["name"]: str(p["containerPort"]) for p in c["ports"]}["http"] == port
+    # the image's command, configured by its ENV and the ConfigMap: a flag would override the environment
+    assert "command" not in c and "args" not in c, c
+    assert image_argv(stage) == ["python", "-m", "service"]
+    settings = {**image_settings(stage), **settings_of(rendered[build])}
+    port = int(settings["BERTSERVE_PORT"])
+    grpc = int(settings.get("BERTSERVE_GRPC_PORT", port + 1))
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": port, "grpc": grpc}
     image, _, tag = c["image"].rpartition(":")
     assert image == "bertserve" and tag == overlay, c["image"]
 

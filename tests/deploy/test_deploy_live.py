@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
-import re
+import os
 import signal
 import subprocess
 import sys
@@ -26,54 +26,58 @@ from deploy_support import (
     DEPLOY,
     K8S,
     REPO,
+    TEXTS,
     Server,
+    dashboard_exprs,
     exposition_names,
     free_port,
+    grafana_to_promql,
     image_argv,
+    image_settings,
     kustomize,
     metric_names,
     one,
     parse_dockerfile,
+    rule_exprs,
     selectors,
-    service_argv,
+    send_traffic,
     start_server,
 )
 
 pytestmark = pytest.mark.slow
 
+RATE_INTERVAL = "30s"  # Grafana's $__rate_interval at this test's 1 s scrape interval, with room for jitter
+
 # Series Prometheus makes itself for every target (not in the server's /metrics).
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added"}
-GRAFANA_VARIABLES = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
-TEXTS = ["a great film, I loved it", "the hotel was terrible", "it was okay I guess", "fine", "x " * 40]
 
 
-def container_argv(bundle: Path, port: int) -> list[str]:
-    """The cpu image's ENTRYPOINT + CMD, made runnable here: this interpreter, the test bundle, a free port."""
+def container_argv() -> list[str]:
+    """The cpu image's command (`python -m service`), made runnable here with this interpreter."""
     argv = image_argv(parse_dockerfile(REPO / "Dockerfile").stage("cpu"))
-    replace = {"python": sys.executable, "/models": str(bundle), "0.0.0.0": "127.0.0.1", "8000": str(port)}
-    return [replace.get(arg, arg) for arg in argv]
+    assert argv[0] == "python", argv
+    return [sys.executable, *argv[1:]]
 
 
-def pod_environment() -> dict[str, str]:
-    """BERTSERVE_* variables of the cpu pod: the image's ENV under the cpu overlay's ConfigMap."""
-    env = {
-        k: v for k, v in parse_dockerfile(REPO / "Dockerfile").stage("cpu").env().items() if k.startswith("BERTSERVE_")
-    }
+def pod_environment(bundle: Path, port: int) -> dict[str, str]:
+    """BERTSERVE_* variables of the cpu pod (the image's ENV under the cpu overlay's ConfigMap), with the model
+    directory, address and port of this machine in place of the container's."""
+    env = image_settings(parse_dockerfile(REPO / "Dockerfile").stage("cpu"))
     objects = kustomize(K8S / "overlays" / "cpu")
     deployment = one(objects, "Deployment")
     name = deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
     env.update(one(objects, "ConfigMap", name)["data"])
+    assert env["BERTSERVE_MODEL_DIR"] == "/models" and env["BERTSERVE_HOST"] == "0.0.0.0", env
+    env.update(BERTSERVE_MODEL_DIR=str(bundle), BERTSERVE_HOST="127.0.0.1", BERTSERVE_PORT=str(port))
+    env.setdefault("BERTSERVE_GRPC_PORT", "0")  # the test only needs HTTP: no shared gRPC port
     return env
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory, kubectl: str) -> Iterator[Server]:
     port = free_port()
-    argv = container_argv(tiny_bundle, port)
-    # The container starts the service exactly the way the tests start it.
-    assert argv == service_argv(tiny_bundle, port), argv
     log = tmp_path_factory.mktemp("server") / "server.log"
-    srv = start_server(argv, port, log, env=pod_environment())
+    srv = start_server(container_argv(), port, log, env=pod_environment(tiny_bundle, port))
     yield srv
     srv.stop()
 
@@ -149,24 +153,6 @@ def prometheus(server: Server, prometheus_bin: str, tmp_path_factory: pytest.Tem
             process.wait(timeout=10)
 
 
-def send_traffic(url: str, rounds: int = 1) -> None:
-    """Bounded traffic: single and batched predicts, some concurrent (so batches form), one v2 infer, and refused
-    requests (a malformed body, too many inputs) so that error series exist too."""
-    with httpx.Client(base_url=url, timeout=30.0) as client:
-        for _ in range(rounds):
-            for text in TEXTS:
-                assert client.post("/v1/predict", json={"inputs": text}).status_code == 200
-            assert client.post("/v1/predict", json={"inputs": TEXTS}).status_code == 200
-            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-                codes = list(pool.map(lambda t: client.post("/v1/predict", json={"inputs": t}).status_code, TEXTS * 4))
-            assert codes == [200] * len(codes)
-            name = client.get("/v1/models").json()["name"]
-            v2 = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}]}
-            assert client.post(f"/v2/models/{name}/infer", json=v2).status_code == 200
-            assert client.post("/v1/predict", json={"inputs": 42}).status_code == 422
-            assert client.post("/v1/predict", json={"inputs": ["x"] * 10_000}).status_code == 413
-
-
 @pytest.fixture(scope="module")
 def loaded(prometheus: Prometheus, server: Server) -> dict[str, Any]:
     """Traffic until Prometheus has seen it across scrapes; returns the p99 query result."""
@@ -181,31 +167,6 @@ def loaded(prometheus: Prometheus, server: Server) -> dict[str, Any]:
         assert time.monotonic() < deadline, f"no finite p99 after 60 s of traffic: {result}"
 
 
-def dashboard_exprs() -> list[tuple[str, str]]:
-    dashboard = json.loads((DEPLOY / "grafana/dashboards/bertserve.json").read_text(encoding="utf-8"))
-    out = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
-    for variable in dashboard["templating"]["list"]:
-        # label_values(SELECTOR, LABEL) is Grafana's; its selector is PromQL.
-        match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
-        assert match, variable["query"]
-        out.append((f"variable {variable['name']}", match.group(1)))
-    return out
-
-
-def grafana_to_promql(expr: str) -> str:
-    for name, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(name, value)
-    return re.sub(r"\$\w+", ".*", expr)  # dashboard variables (job, instance): all values
-
-
-def rule_exprs() -> list[tuple[str, str]]:
-    out = []
-    for path in sorted((DEPLOY / "rules").glob("*.yml")):
-        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
-            out += [(rule.get("alert") or rule["record"], rule["expr"]) for rule in group["rules"]]
-    return out
-
-
 def test_prometheus_computes_p99_latency_from_the_histogram(loaded: dict[str, Any]) -> None:
     value = float(loaded["result"][0]["value"][1])
     assert 0 < value < 30, value
@@ -214,7 +175,7 @@ def test_prometheus_computes_p99_latency_from_the_histogram(loaded: dict[str, An
 def test_every_dashboard_query_evaluates_and_has_data(prometheus: Prometheus, loaded: dict[str, Any]) -> None:
     empty = []
     for title, expr in dashboard_exprs():
-        if not prometheus.query(grafana_to_promql(expr)):
+        if not prometheus.query(grafana_to_promql(expr, RATE_INTERVAL)):
             empty.append(f"{title}: {expr}")
     assert not empty, "panels that would show 'No data' after traffic:\n" + "\n".join(empty)
 
@@ -244,7 +205,7 @@ def test_every_metric_and_label_matcher_in_the_queries_exists(prometheus: Promet
     available = exposition_names(exposition) | SYNTHETIC
     missing, unmatched = set(), []
     for source, expr in dashboard_exprs() + rule_exprs():
-        promql = grafana_to_promql(expr)
+        promql = grafana_to_promql(expr, RATE_INTERVAL)
         missing |= {f"{name} ({source})" for name in metric_names(promql) - available}
         for metric, matchers in selectors(promql):
             kept = [f"{label}{op}{value}" for label, op, value in matchers if label != "status"]
@@ -264,16 +225,16 @@ def test_model_info_reports_the_provider(prometheus: Prometheus, loaded) -> None
 
 
 def test_image_healthcheck_command_passes_on_the_server_and_fails_without_one(server: Server) -> None:
+    """The HEALTHCHECK's script, with the port from the environment as in the image."""
     stage = parse_dockerfile(REPO / "Dockerfile").stage("cpu")
     argv = json.loads(stage.last("HEALTHCHECK").body().partition(" ")[2])
-    script = REPO / "deploy/docker/healthcheck.py"
-    assert argv[1] == "/opt/bertserve/healthcheck.py"
-    url = argv[2].replace("127.0.0.1:8000", server.url.removeprefix("http://"))
-    ok = subprocess.run([sys.executable, str(script), url], capture_output=True, timeout=30, check=False)
-    assert ok.returncode == 0, ok.stderr
-    dead = argv[2].replace("8000", str(free_port()))
-    down = subprocess.run([sys.executable, str(script), dead], capture_output=True, timeout=30, check=False)
-    assert down.returncode == 1
+    assert argv == ["python", "/opt/bertserve/healthcheck.py"], argv
+    script = [sys.executable, str(REPO / "deploy/docker/healthcheck.py")]
+    port = server.url.rsplit(":", 1)[1]
+    for env_port, expected in ((port, 0), (str(free_port()), 1)):
+        env = {**os.environ, "BERTSERVE_PORT": env_port}
+        done = subprocess.run(script, capture_output=True, timeout=30, check=False, env=env)
+        assert done.returncode == expected, (env_port, done.stderr)
 
 
 def test_sigterm_drains_and_exits_0_within_the_pod_grace_period(tiny_bundle: Path, tmp_path: Path, kubectl) -> None:
@@ -283,7 +244,7 @@ def test_sigterm_drains_and_exits_0_within_the_pod_grace_period(tiny_bundle: Pat
     spec = one(objects, "Deployment")["spec"]["template"]["spec"]
     budget = spec["terminationGracePeriodSeconds"] - spec["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     port = free_port()
-    srv = start_server(container_argv(tiny_bundle, port), port, tmp_path / "server.log", env=pod_environment())
+    srv = start_server(container_argv(), port, tmp_path / "server.log", env=pod_environment(tiny_bundle, port))
     try:
         with httpx.Client(base_url=srv.url, timeout=30.0) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(client.post, "/v1/predict", json={"inputs": TEXTS * 8}) for _ in range(4)]

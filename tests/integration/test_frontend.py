@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -24,6 +23,8 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+
+from tests.keepalive import KeepAliveClient
 
 TEXT = json.dumps({"inputs": ["the film was great and I loved every minute of it"] * 8}).encode()
 
@@ -60,44 +61,9 @@ def test_clients_that_go_away_are_counted_and_never_logged_as_errors(start_serve
     assert "ERROR" not in log and "Traceback" not in log and "never retrieved" not in log, log[-3000:]
 
 
-class KeepAliveClient(threading.Thread):
-    """One client on one keep-alive connection, POSTing until the server closes it; records what went wrong."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.answered = 0
-        self.errors: list[str] = []
-        self.refused = 0
-
-    def run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        while True:
-            try:
-                conn.request("POST", "/v1/predict", body=TEXT, headers={"Content-Type": "application/json"})
-            except ConnectionRefusedError:  # a new connect after the listener closed: fine
-                self.refused += 1
-                return
-            except OSError as exc:  # the request could not be sent on an open connection: a loss
-                self.errors.append(f"send: {type(exc).__name__}: {exc}")
-                return
-            try:
-                response = conn.getresponse()
-                response.read()
-            except (OSError, http.client.HTTPException) as exc:  # sent, never answered: a loss
-                self.errors.append(f"answer: {type(exc).__name__}: {exc}")
-                return
-            if response.status != 200:
-                self.errors.append(f"status {response.status}")
-                return
-            self.answered += 1
-            if response.getheader("connection", "").lower() == "close":
-                conn.close()  # the server said so; the next request opens a new connection
-
-
 def drain_once(start_server: Any, api_workers: int) -> tuple[int, list[str], int]:
     server = start_server(api_workers=api_workers, warmup_runs=0, keep_alive_s=5)
-    clients = [KeepAliveClient(server.port) for _ in range(16)]
+    clients = [KeepAliveClient(server.port, TEXT) for _ in range(16)]
     for client in clients:
         client.start()
     time.sleep(0.4)

@@ -8,14 +8,27 @@ without the header. (That the container runs as non-root is checked by tests/dep
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
+import ipaddress
+import shlex
+import shutil
+import signal
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.integration.conftest import free_port, service_command
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "s3cret-Key_0123456789abcdef"
@@ -205,3 +218,80 @@ def test_the_scanner_catches_what_it_looks_for(tmp_path: Path) -> None:
     )
     found = _unsafe_uses(planted, root=tmp_path)
     assert len(found) == 8, found
+
+
+ADMIN = "adm1n-Key_fedcba9876543210"
+ADMIN_AUTH = {"authorization": f"Bearer {ADMIN}"}
+
+
+def test_the_admin_key_alone_reaches_the_repository_and_both_keys_come_from_files(
+    start_server: Any, tmp_path: Path, tiny_bundle: Path
+) -> None:
+    """Triton restricts its model-repository API; so does BERTSERVE_ADMIN_API_KEY: an inference client cannot
+    list, load or unload models (HTTP or gRPC), and the admin key is no inference key. Keys are read from files
+    (as Docker and Kubernetes mount secrets), with the trailing newline those files usually have."""
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_bundle, repository / "tiny" / "1")
+    (tmp_path / "key").write_text(KEY + "\n")
+    (tmp_path / "admin").write_text(ADMIN + "\n")
+    grpc_port = free_port()
+    server = start_server(
+        model_repository=repository,
+        api_key_file=tmp_path / "key",
+        admin_api_key_file=tmp_path / "admin",
+        grpc_port=grpc_port,
+    )
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        for path in ("/v2/repository/index", "/v2/repository/models/tiny/unload", "/v2/repository/models/tiny/load"):
+            assert_unauthorized(client.post(path, headers=AUTH), f"{path} with the inference key")
+        assert_unauthorized(client.post("/v1/predict", json={"inputs": "x"}, headers=ADMIN_AUTH), "predict, admin key")
+        assert client.post("/v1/predict", json={"inputs": "x"}, headers=AUTH).status_code == 200
+        index = client.post("/v2/repository/index", headers=ADMIN_AUTH)
+        assert index.status_code == 200 and index.json()[0]["name"] == "tiny", index.text
+    stub = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            stub.unload_model("tiny", headers=AUTH)
+        assert refused.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+        stub.unload_model("tiny", headers=ADMIN_AUTH)
+        stub.load_model("tiny", headers=ADMIN_AUTH)
+        assert stub.is_model_ready("tiny")
+    finally:
+        stub.close()
+    assert KEY not in server.log() and ADMIN not in server.log()
+
+
+def test_make_run_listens_on_loopback_for_http_and_grpc(tmp_path: Path, tiny_bundle: Path) -> None:
+    """The README's `make run`, as make would run it (its serve command, on the test bundle): HTTP and gRPC
+    listen on loopback only; BERTSERVE_HOST=0.0.0.0 is how an operator asks for more."""
+    port, grpc_port = free_port(), free_port()
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run", f"MODEL_DIR={tiny_bundle}", f"PORT={port}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    cmd = shlex.split(dry.stdout.strip().splitlines()[-1])
+    assert cmd[1:3] == ["-m", "service"] and "--host" not in cmd, cmd
+    _, env = service_command(tiny_bundle, port, grpc_port=grpc_port)
+    with (tmp_path / "server.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        listening = [c.laddr for c in psutil.Process(proc.pid).net_connections() if c.status == "LISTEN"]
+        assert sorted(a.port for a in listening) == sorted((port, grpc_port)), listening
+        for address in listening:
+            ip = ipaddress.ip_address(address.ip)
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # gRPC's ::ffff:127.0.0.1
+            assert (mapped or ip).is_loopback, f"listening on {address.ip}:{address.port}, not loopback"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
