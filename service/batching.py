@@ -13,7 +13,7 @@ Design (after text-embeddings-inference's queue and Infinity's batch handler):
 - Expired, abandoned and disconnected requests are dropped when a batch is formed, so they cost no compute. A
   client that went away is found by its ``gone()`` probe (a flag the HTTP server keeps), not by a task per
   request waiting for a disconnect message.
-- Under load, ``workers`` batches compute at once on single-threaded sessions (keeps every core busy); a batch
+- Under load, ``inference_workers`` batches compute at once on single-threaded sessions (keeps every core busy); a batch
   that would run alone (no other batch computing, nothing else queued) runs "solo" on the backend's wide session
   with every core and holds every worker slot meanwhile, so a lone client gets the lowest latency and the
   cores are never oversubscribed.
@@ -176,8 +176,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=policy.workers, thread_name_prefix="bertserve-infer")
-        self.device = device or Device(policy.workers)
+        self._executor = ThreadPoolExecutor(max_workers=policy.inference_workers, thread_name_prefix="bertserve-infer")
+        self.device = device or Device(policy.inference_workers)
         self._running: set[asyncio.Task[None]] = set()  # batches in the workers, for close()
         self._busy = 0  # this model's batches computing (the device counts every model's)
         self._task: asyncio.Task[None] | None = None
@@ -221,7 +221,7 @@ class Batcher:
             now = time.monotonic()
             self._queue = [item for item in self._queue if self._alive(item.job, now)]
         if len(self._queue) + n > self.policy.max_queue:
-            raise QueueFull(self._retry_after())  # counted where it is answered (the protocol's error path)
+            raise QueueFull.retry_in(self._retry_after())  # counted where it is answered (the protocol's error path)
 
     def submit(
         self,
@@ -357,7 +357,7 @@ class Batcher:
         """
         now = time.monotonic()
         queue = self._queue
-        lookahead = self.policy.lookahead
+        lookahead = self.policy.batch_lookahead
         window: list[Item] = []
         scanned = 0
         for item in queue:

@@ -26,9 +26,9 @@ class BatchPolicy:
     max_batch_tokens: int = 384
     max_padding_ratio: float = 1.25
     max_wait_s: float = 0.0
-    lookahead: int = 24
+    batch_lookahead: int = 24
     max_queue: int = 1024
-    workers: int = 2
+    inference_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         "naturally while the previous batch computes",
     )
     batch_lookahead: int = Field(
-        BatchPolicy.lookahead, ge=1, description="oldest queued sequences considered when grouping lengths"
+        BatchPolicy.batch_lookahead, ge=1, description="oldest queued sequences considered when grouping lengths"
     )
     max_queue: int = Field(BatchPolicy.max_queue, ge=1, description="queued sequences per model before 429")
     max_client_batch: int = Field(Limits.max_client_batch, ge=1, description="most inputs in one request (413 above)")
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         Limits.max_request_timeout_s, gt=0, description="cap on a request's own `timeout_s`"
     )
     inference_workers: int = Field(
-        BatchPolicy.workers,
+        BatchPolicy.inference_workers,
         ge=1,
         le=64,
         description="batches computed at once on the device, all models together; each in its own thread: on a "
@@ -208,9 +208,9 @@ class Settings(BaseSettings):
             max_batch_tokens=self.max_batch_tokens,
             max_padding_ratio=self.max_padding_ratio,
             max_wait_s=self.max_wait_ms / 1000.0,
-            lookahead=self.batch_lookahead,
+            batch_lookahead=self.batch_lookahead,
             max_queue=self.max_queue,
-            workers=self.inference_workers,
+            inference_workers=self.inference_workers,
         )
 
     def runtime_options(self, variant: str | None = None) -> RuntimeOptions:

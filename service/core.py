@@ -2,10 +2,15 @@
 
 A protocol module decodes its request, asks :meth:`DataPlane.model` for the model it names and calls
 :meth:`DataPlane.infer`; it then encodes the :class:`InferResult` its own way (after KServe's data plane: the
-v1 and v2 routes depend on it and never on each other). Here: input limits, tokenizing in this (API) process,
-the request deadline, submission to the engine (in-process, or in the engine process over IPC: the
-:class:`EngineClient` hides which), retrying on the model now current when a hot reload swapped the one chosen,
-and one :class:`Timing` record per request that feeds metrics, response headers and traces.
+protocols depend on it and never on each other). Here: input limits, tokenizing in this (API) process, the
+request deadline, submission to the engine, retrying on the model now current when a hot reload swapped the one
+chosen, and one :class:`Timing` record per request that feeds metrics, response headers and traces. Model
+administration (reload, repository load / unload / index, statistics) goes through here too, so no protocol
+touches the engine.
+
+The engine is an :class:`EngineClient`: :class:`service.engine.Engine` in this process, or
+:class:`service.ipc.client.RemoteEngine` in the engine process over IPC. This module imports neither: an API
+process never loads ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -18,37 +23,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.bundle import load_bundle
+from service.catalog import ModelDescriptor, RepositoryEntry, version_key
 from service.config import Limits, Settings
-from service.engine import Engine, ModelDescriptor, RepositoryEntry, head_of, version_key
 from service.errors import Draining, NotFound, NotReady, PayloadTooLarge, TextTooLong, Unprocessable
 from service.metrics import Metrics
 from service.modelio import Encoder, Head, TokenSeq, TooLong
 from service.tracing import RequestSpan, epoch_ns
 
 
-class EngineResult(Protocol):
-    """A finished request as the engine returns it (a batching.Job in-process, a plain record over IPC)."""
-
-    logits: np.ndarray | None
-    scores: np.ndarray | None
-    predicted: list[list[int]]
-    queue_s: float
-    inference_s: float
-    batches: list[tuple[int, float, float]]
-
-
 class EngineClient(Protocol):
-    """The engine as an API process sees it: in-process (:class:`LocalEngine`) or over IPC (service/ipc.py)."""
+    """The engine as the data plane sees it: in this process or in the engine process (service/ipc/)."""
 
     @property
-    def generation(self) -> int: ...
+    def generation(self) -> int: ...  # changes whenever the model table does
 
     @property
     def ready(self) -> bool: ...
 
     def descriptors(self) -> list[ModelDescriptor]: ...
 
-    def check_room(self, name: str, version: str, n: int) -> None: ...
+    def check_room(self, name: str, version: str, n: int) -> None: ...  # QueueFull before any tokenizing
 
     def submit(
         self,
@@ -58,7 +53,11 @@ class EngineClient(Protocol):
         deadline: float,
         gone: Callable[[], bool] | None,
         link: tuple[int, int] | None = None,
-    ) -> asyncio.Future[Any]: ...
+    ) -> asyncio.Future[Any]: ...  # resolves to the finished request: logits, scores, predicted, timings
+
+    async def start(self) -> None: ...  # load and warm (in process), or connect (IPC)
+
+    async def close(self) -> None: ...
 
     async def load(self, name: str) -> None: ...
 
@@ -70,59 +69,9 @@ class EngineClient(Protocol):
 
     async def repository_index(self) -> list[RepositoryEntry]: ...
 
-    async def refresh(self) -> None: ...
+    async def refresh(self) -> None: ...  # fetch the model table now (after a reload retired a version)
 
-
-class LocalEngine:
-    """The engine in this process (one API process): submitting is a method call, results are the Jobs."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @property
-    def generation(self) -> int:
-        return self.engine.generation
-
-    @property
-    def ready(self) -> bool:
-        return self.engine.ready
-
-    def descriptors(self) -> list[ModelDescriptor]:
-        return self.engine.descriptors()
-
-    def check_room(self, name: str, version: str, n: int) -> None:
-        self.engine.find(name, version).batcher.check_room(n)
-
-    def submit(
-        self,
-        name: str,
-        version: str,
-        seqs: Sequence[TokenSeq],
-        deadline: float,
-        gone: Callable[[], bool] | None,
-        link: tuple[int, int] | None = None,
-    ) -> asyncio.Future[Any]:
-        return self.engine.submit(name, version, seqs, deadline, gone, link)
-
-    async def load(self, name: str) -> None:
-        await self.engine.load(name)
-
-    async def unload(self, name: str) -> None:
-        await self.engine.unload(name)
-
-    async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor:
-        from pathlib import Path
-
-        return await self.engine.reload(Path(model_dir) if model_dir else None, variant)
-
-    async def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
-        return self.engine.stats()
-
-    async def repository_index(self) -> list[RepositoryEntry]:
-        return sorted(self.engine.index.values(), key=lambda e: e.name)
-
-    async def refresh(self) -> None:
-        """The model table is read straight from the engine: always current."""
+    async def drain_barrier(self) -> None: ...  # wait until every API process has closed its listener
 
 
 @dataclass(frozen=True)
@@ -166,15 +115,9 @@ def view_of(desc: ModelDescriptor, previous: ModelView | None = None) -> ModelVi
         and previous.desc.manifest == desc.manifest
     ):
         return ModelView(desc, previous.encoder, previous.head)
-    from service.bundle import load_bundle
-
     bundle = load_bundle(desc.bundle_path, verify=False)  # the engine verified the checksums
-    bundle = bundle.model_copy(
-        update={"manifest": bundle.manifest.model_copy(update={"name": desc.name, "version": desc.version})}
-    )
     encoder = Encoder.from_file(bundle.tokenizer_path, bundle.manifest.max_length)
-    head = head_of(bundle)
-    return ModelView(desc, encoder, head)
+    return ModelView(desc, encoder, bundle.manifest.head())
 
 
 @dataclass(slots=True)
@@ -201,6 +144,16 @@ class Timing:
 
 
 @dataclass(slots=True)
+class Call:
+    """One request as the data plane sees it, whatever its protocol: its clock, a probe for whether its client is
+    still there (requests of clients that went away are dropped before compute), and its trace span."""
+
+    timing: Timing = field(default_factory=Timing)
+    gone: Callable[[], bool] | None = None
+    span: RequestSpan | None = None
+
+
+@dataclass(slots=True)
 class _Pending:
     texts: Sequence[str]
     pairs: Sequence[str] | None
@@ -212,10 +165,9 @@ class TokenizeRounds:
     """Tokenize every request that arrives in one event-loop round with one ``encode_batch`` call.
 
     The Rust tokenizer releases the GIL for each call, and on the event-loop thread every release lets the
-    inference threads in and makes the loop wait to get the GIL back: profiled at ~15% of the loop's samples
-    with one call per request. One call per round (per model and input kind) pays that once for everything
-    that arrived together; a request alone in its round is tokenized the same way, just later by one
-    ``call_soon``.
+    inference threads in and makes the loop wait to get the GIL back. One call per round (per model and input
+    kind) pays that once for everything that arrived together; a request alone in its round is tokenized the
+    same way, just later by one ``call_soon``.
     """
 
     def __init__(self) -> None:
@@ -264,12 +216,14 @@ class InferResult:
     logits: np.ndarray  # [n, labels] float32
     scores: np.ndarray  # [n, labels] calibrated probabilities (softmax or sigmoid)
     predicted: list[list[int]]  # label indices per input: [argmax], or those over their thresholds
+    tokens: int  # tokens of the inputs, special tokens included (what the model computed on)
     timing: Timing
     batches: list[tuple[int, float, float]]  # (size, start, end) of the batches that served it
 
 
 class DataPlane:
-    """Models as protocols see them, and ``infer``: the one path from decoded inputs to results."""
+    """Models as protocols see them, ``infer`` (the one path from decoded inputs to results) and the model
+    administration every protocol exposes its own way."""
 
     def __init__(self, settings: Settings, engine: EngineClient, metrics: Metrics) -> None:
         self.settings = settings
@@ -353,16 +307,14 @@ class DataPlane:
         self,
         view: ModelView,
         texts: Sequence[str],
-        pairs: Sequence[str] | None = None,
+        pairs: Sequence[str] | None,
+        call: Call,
         *,
         truncate: bool = True,
         timeout_s: float | None = None,
-        gone: Callable[[], bool] | None = None,
-        timing: Timing | None = None,
-        span: RequestSpan | None = None,
     ) -> InferResult:
         """Tokenize, submit to the engine, wait for the result: the one inference path of every protocol."""
-        timing = timing or Timing()
+        timing, span = call.timing, call.span
         self.check_inputs(view, texts, pairs)
         deadline = time.monotonic() + self.limits.deadline_s(timeout_s)
         for _ in range(3):  # a hot reload may retire the chosen version between choice and submission
@@ -381,7 +333,7 @@ class DataPlane:
                 span.stage("tokenize", epoch_ns(int(started * 1e9)), epoch_ns(int(tokenized * 1e9)))
                 link = span.link_context()
             try:
-                job = await self.engine.submit(view.name, view.version, seqs, deadline, gone, link)
+                job = await self.engine.submit(view.name, view.version, seqs, deadline, call.gone, link)
             except Draining:
                 if self.draining:
                     raise
@@ -395,8 +347,52 @@ class DataPlane:
             if span is not None:
                 queued = epoch_ns(int(tokenized * 1e9))
                 span.stage("queue", queued, queued + int(job.queue_s * 1e9))
-            return InferResult(view, job.logits, job.scores, job.predicted, timing, job.batches)
+            tokens = sum(len(seq) for seq in seqs)
+            return InferResult(view, job.logits, job.scores, job.predicted, tokens, timing, job.batches)
         raise Draining(f"model {view.name!r} is being replaced; retry")
+
+    # -- administration ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def drain_barrier(self) -> None:
+        await self.engine.drain_barrier()
+
+    async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor:
+        """Load a bundle (default: the configured one), warm it and swap it in (also on SIGHUP)."""
+        if self.draining:
+            raise NotReady("server is draining")
+        desc = await self.engine.reload(model_dir, variant)
+        await self.engine.refresh()
+        return desc
+
+    async def load(self, name: str) -> None:
+        """(Re)load a repository model: every served version, swapped in once warm."""
+        await self.engine.load(name)
+        await self.engine.refresh()
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a repository model; what was admitted is answered first."""
+        await self.engine.unload(name)
+        await self.engine.refresh()
+
+    async def statistics(self, name: str | None, version: str | None) -> dict[tuple[str, str], dict[str, Any]]:
+        """Batcher counters per served (model, version): all, one model's, or one version's (404 when unknown)."""
+        if name:
+            self.model(name, version or None)  # NotFound / NotReady with the usual messages
+        stats = await self.engine.stats()
+        return {
+            (n, v): s
+            for (n, v), s in sorted(stats.items())
+            if (not name or n == name) and (not version or v == version)
+        }
+
+    async def repository_index(self, ready_only: bool = False) -> list[RepositoryEntry]:
+        """Every model of the repository with its state (READY, LOADING, UNAVAILABLE) and why."""
+        return [e for e in await self.engine.repository_index() if not ready_only or e.state == "READY"]
 
 
 def _check_text(i: int, text: str, what: str = "") -> None:

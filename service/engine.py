@@ -1,9 +1,10 @@
 """The engine: the models loaded on one device, their batchers, and load / unload / reload / drain.
 
 One engine per device. With one API process it runs inside that process; with several it runs in its own
-process (service/ipc.py) and every API process's traffic reaches the same batchers, so batches stay global.
+process (service/ipc/) and every API process's traffic reaches the same batchers, so batches stay global.
 The engine knows no protocol: it takes token sequences for a (model, version) and returns a finished
-:class:`~service.batching.Job` (logits, calibrated scores, predicted labels, timings).
+:class:`~service.batching.Job` (logits, calibrated scores, predicted labels, timings). :class:`Engine` is the
+in-process :class:`~service.core.EngineClient`; service/ipc/client.py is the same interface over IPC.
 
 Models come from one bundle directory (``model_dir``; name and version from its manifest) or a repository
 (``model_repository``: ``DIR/NAME/VERSION/`` or ``DIR/NAME/`` bundles, served as NAME, version VERSION or the
@@ -30,19 +31,16 @@ import numpy as np
 
 from service.batching import Batcher, Device, Job
 from service.bundle import MANIFEST_NAME, Bundle, BundleError, load_bundle
+from service.catalog import ModelDescriptor, RepositoryEntry, version_key
 from service.config import Settings
 from service.errors import Conflict, Draining, NotFound, NotReady, Unprocessable
 from service.metrics import Metrics
-from service.modelio import Head
+from service.modelio import Head, TokenSeq
+from service.monitoring import PredictionMonitor
 from service.runtime import ModelRuntime
 from service.tracing import Tracing, epoch_ns
 
 log = logging.getLogger("bertserve.engine")
-
-
-def head_of(bundle: Bundle) -> Head:
-    """The bundle's output head: labels, problem type, calibration temperature, thresholds."""
-    return bundle.manifest.head()
 
 
 def public_manifest(bundle: Bundle) -> dict[str, Any]:
@@ -56,28 +54,13 @@ def public_manifest(bundle: Bundle) -> dict[str, Any]:
     return data
 
 
-@dataclass(frozen=True)
-class ModelDescriptor:
-    """What an API process needs to know about a served model (it never sees a session)."""
-
-    name: str
-    version: str
-    bundle_path: str
-    variant: str
-    providers: list[str]
-    threads: int
-    solo_threads: int | None
-    policy: dict[str, Any]
-    manifest: dict[str, Any]
-
-
 @dataclass
 class LoadedModel:
     bundle: Bundle
     runtime: ModelRuntime
     head: Head
     batcher: Batcher
-    monitor: Any = None
+    monitor: PredictionMonitor | None = None
 
     @property
     def name(self) -> str:
@@ -102,26 +85,12 @@ class LoadedModel:
         )
 
 
-def version_key(version: str) -> tuple[Any, ...]:
-    """Numeric versions compare as numbers (2 < 10), others as text."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+]", version))
-
-
-@dataclass
-class RepositoryEntry:
-    name: str
-    version: str
-    state: str  # READY, LOADING, UNAVAILABLE
-    reason: str = ""
-
-
 @dataclass
 class Engine:
     """Every model this device serves; the one place models are loaded, swapped and closed."""
 
     settings: Settings
     metrics: Metrics
-    monitor_factory: Callable[[Bundle, Head], Any] | None = None
     tracing: Tracing | None = None
     models: dict[str, dict[str, LoadedModel]] = field(default_factory=dict)
     index: dict[str, RepositoryEntry] = field(default_factory=dict)  # by name, for the repository extension
@@ -163,8 +132,8 @@ class Engine:
             manifest = bundle.manifest.model_copy(update={"name": name, "version": version})
             bundle = bundle.model_copy(update={"manifest": manifest})
         runtime = ModelRuntime(bundle, self.settings.runtime_options(variant))
-        head = head_of(bundle)
-        monitor = self.monitor_factory(bundle, head) if self.monitor_factory else None
+        head = bundle.manifest.head()
+        monitor = self._monitor(bundle, head)
 
         def post(logits: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
             scores = head.scores(logits)
@@ -190,6 +159,21 @@ class Engine:
             device=self._device,
         )
         return LoadedModel(bundle, runtime, head, batcher, monitor)
+
+    def _monitor(self, bundle: Bundle, head: Head) -> PredictionMonitor | None:
+        """Prediction metrics and drift for a model, in this process's registry (the shared one when several
+        processes serve)."""
+        if not self.settings.monitoring:
+            return None
+        return PredictionMonitor(
+            None if self.metrics.multiprocess else self.metrics.registry,
+            bundle.manifest.name,
+            list(head.labels),
+            bundle.manifest.reference,
+            window=self.settings.drift_window,
+            window_s=self.settings.drift_window_s,
+            low_margin=self.settings.low_margin,
+        )
 
     async def _load_and_warm(self, path: Path, name: str | None, variant: str | None) -> LoadedModel:
         model = await asyncio.to_thread(self._load_one, path, name, variant)
@@ -260,7 +244,7 @@ class Engine:
             await asyncio.to_thread(gc.collect)
 
     # -- the repository and admin operations --------------------------------------------------------------
-    async def load(self, name: str) -> list[ModelDescriptor]:
+    async def load(self, name: str) -> None:
         """(Re)load every served version of repository model ``name``; the old ones drain after the swap."""
         if self.settings.model_repository is None:
             raise Unprocessable("the repository extension needs BERTSERVE_MODEL_REPOSITORY (a directory of models)")
@@ -283,7 +267,6 @@ class Engine:
                 raise Unprocessable(f"model {name!r} failed to load: {exc}") from None
             old = self._install({name: loaded})
         await self._retire(old)
-        return [m.descriptor() for m in loaded]
 
     async def unload(self, name: str) -> None:
         if self.settings.model_repository is None:
@@ -298,7 +281,7 @@ class Engine:
             self.generation += 1
         await self._retire(versions)
 
-    async def reload(self, model_dir: Path | None, variant: str | None) -> ModelDescriptor:
+    async def reload(self, model_dir: str | None, variant: str | None) -> ModelDescriptor:
         """Load a bundle (default: the configured one), warm it, swap it in for the served model of that name."""
         if self._lock.locked():
             raise Conflict("a reload is already in progress")
@@ -306,7 +289,7 @@ class Engine:
             if not self.ready:
                 raise NotReady("server is starting; reload not applied")
             try:
-                path = model_dir or self.settings.model_dir
+                path = Path(model_dir) if model_dir else self.settings.model_dir
                 model = await self._load_and_warm(path, self.settings.model_name, variant)
             except Exception as exc:  # whatever stops the new bundle loading or warming, the old one serves on
                 log.warning("reload refused: %s", exc)
@@ -325,7 +308,7 @@ class Engine:
         self.models.clear()
         await self._retire(models)
 
-    # -- serving ------------------------------------------------------------------------------------------
+    # -- serving (the EngineClient interface, service/core.py) -----------------------------------------------
     def descriptors(self) -> list[ModelDescriptor]:
         return [m.descriptor() for versions in self.models.values() for m in versions.values()]
 
@@ -335,19 +318,31 @@ class Engine:
             raise Draining(f"model {name!r} version {version!r} is no longer served")
         return model
 
+    def check_room(self, name: str, version: str, n: int) -> None:
+        self.find(name, version).batcher.check_room(n)
+
     def submit(
         self,
         name: str,
         version: str,
-        seqs: Sequence[Any],
+        seqs: Sequence[TokenSeq],
         deadline: float,
         gone: Callable[[], bool] | None,
         link: tuple[int, int] | None = None,
     ) -> asyncio.Future[Job]:
         return self.find(name, version).batcher.submit(seqs, deadline, gone, link)
 
-    def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
+    async def stats(self) -> dict[tuple[str, str], dict[str, Any]]:
         return {(m.name, m.version): asdict(m.batcher.stats) for vs in self.models.values() for m in vs.values()}
+
+    async def repository_index(self) -> list[RepositoryEntry]:
+        return sorted(self.index.values(), key=lambda entry: entry.name)
+
+    async def refresh(self) -> None:
+        """The model table is read straight from this object: always current."""
+
+    async def drain_barrier(self) -> None:
+        """One process holds every listener: nothing to wait for before connections close."""
 
     def queue_depth(self) -> int:
         return sum(m.batcher.depth for vs in self.models.values() for m in vs.values())

@@ -1,9 +1,10 @@
 """Every error the service answers with: one taxonomy, one mapping to HTTP status, gRPC code and rejection reason.
 
-Each class carries its HTTP status, a machine-readable ``type``, the gRPC status code name (a string, so this
-module does not import grpc) and the ``reason`` label it is counted under in ``bertserve_rejected_total`` (None:
-not a rejection, or counted where it is detected). Protocol modules turn a :class:`ServeError` into their own
-error shape; none of them decides a status on its own.
+Each class carries its HTTP status, a machine-readable ``type`` (unique: it names the class on the wire between
+processes), the gRPC status code name (a string, so this module does not import grpc) and the ``reason`` label
+it is counted under in ``bertserve_rejected_total`` (None: not a rejection, or counted where it is detected).
+Every class is built the same way, ``cls(message, headers)``, so :func:`from_wire` can rebuild any of them.
+Protocol modules turn a :class:`ServeError` into their own error shape; none of them decides a status on its own.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ class UnsupportedMediaType(ServeError):
 class Unauthorized(ServeError):
     status, type, grpc, reason = 401, "unauthorized", "UNAUTHENTICATED", "unauthorized"
 
-    def __init__(self, message: str = "missing or invalid API key; send `Authorization: Bearer <key>`") -> None:
-        super().__init__(message, {"WWW-Authenticate": "Bearer"})
+    def __init__(
+        self,
+        message: str = "missing or invalid API key; send `Authorization: Bearer <key>`",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, headers or {"WWW-Authenticate": "Bearer"})
 
 
 class Forbidden(ServeError):
@@ -65,13 +70,13 @@ class TextTooLong(Unprocessable):
 
 
 class QueueFull(ServeError):
-    """The queue cannot take the request's sequences; retry after ``retry_after`` seconds."""
+    """The queue cannot take the request's sequences; retry after the ``Retry-After`` header's seconds."""
 
     status, type, grpc, reason = 429, "queue_full", "RESOURCE_EXHAUSTED", "queue_full"
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"queue full; retry after {retry_after} s", {"Retry-After": str(retry_after)})
-        self.retry_after = retry_after
+    @classmethod
+    def retry_in(cls, seconds: int) -> QueueFull:
+        return cls(f"queue full; retry after {seconds} s", {"Retry-After": str(seconds)})
 
 
 class NotReady(ServeError):
@@ -99,6 +104,8 @@ class InferenceFailed(ServeError):
 class Disconnected(Exception):
     """The client went away before its answer was ready: normal, counted, never logged above debug."""
 
+    type = "disconnected"
+
 
 # The error table, for the README and the tests: class -> (HTTP status, type, gRPC code).
 TABLE: tuple[type[ServeError], ...] = (
@@ -117,3 +124,25 @@ TABLE: tuple[type[ServeError], ...] = (
     Draining,
     DeadlineExceeded,
 )
+
+
+_BY_TYPE: dict[str, type[ServeError]] = {cls.type: cls for cls in TABLE}  # unique types: tests/unit/test_errors.py
+
+
+def to_wire(exc: BaseException) -> tuple[str, str, dict[str, str]]:
+    """(type, message, headers) of an error raised in the engine process, for the API process that asked."""
+    if isinstance(exc, ServeError):
+        return exc.type, exc.message, exc.headers
+    if isinstance(exc, Disconnected):
+        return Disconnected.type, "", {}
+    return InferenceFailed.type, f"{type(exc).__name__}: {exc}", {}
+
+
+def from_wire(kind: str, message: str, headers: dict[str, str]) -> Exception:
+    """The error :func:`to_wire` described, rebuilt in the API process (an unknown type fails the request)."""
+    if kind == Disconnected.type:
+        return Disconnected()
+    cls = _BY_TYPE.get(kind)
+    if cls is None:
+        return InferenceFailed(f"{kind}: {message}")
+    return cls(message, headers)

@@ -256,8 +256,8 @@ def new_request_id() -> str:
     """A fresh request id: this process's 32 random bits and a counter, 16 hex digits in all.
 
     No system call per request: os.urandom releases the GIL for its syscall, and on the event-loop thread that
-    invites a switch to the inference threads on every request (profiled: ~7% of the loop's samples under
-    load). Unique within a process by the counter, across processes and restarts by the random prefix.
+    invites a switch to the inference threads on every request (a visible share of the event loop's samples
+    under load). Unique within a process by the counter, across processes and restarts by the random prefix.
     """
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 

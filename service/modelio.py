@@ -103,7 +103,7 @@ class Encoder:
         """Token sequences for ``texts`` (with ``pairs[i]`` as the second segment of text i when given).
 
         ``encode_batch_fast`` gives the same ids, type ids and overflow as ``encode_batch`` without computing
-        character offsets, which nothing here reads: 21.8 vs 28.2 us per 19-token text measured here.
+        character offsets, which nothing here reads (and which cost time per text).
 
         Raises TooLong for the first input that had to be cut when ``truncate`` is false.
         """

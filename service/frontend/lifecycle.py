@@ -23,7 +23,6 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.core import DataPlane
-from service.engine import Engine
 from service.frontend.wire import CoalescingTransport
 
 log = logging.getLogger("bertserve.lifecycle")
@@ -111,11 +110,10 @@ class GracefulHttpToolsProtocol(HttpToolsProtocol):
 
 
 class Lifecycle:
-    """Owns the engine's life in this process (when it runs here) and the service's readiness."""
+    """Owns the engine's start and close (through the data plane) and the other servers of this process."""
 
-    def __init__(self, plane: DataPlane, engine: Engine | None) -> None:
+    def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
-        self.engine = engine  # None when the engine runs in its own process
         self.on_fatal: Callable[[], None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # (start, stop) coroutine functions of other servers in this process (the gRPC server)
@@ -127,21 +125,18 @@ class Lifecycle:
         task.add_done_callback(self._tasks.discard)
 
     async def startup(self) -> None:
-        """Start loading in the background: the server listens (liveness 200, readiness 503) meanwhile."""
+        """Start the engine in the background (the server listens meanwhile: liveness 200, readiness 503 until it
+        is warm), then the other servers."""
         self.spawn(self._start_engine())
         for start, _ in self.hooks:
             await start()
-        if self.engine is None:  # an API process: its start-up heap is complete now
-            settle_heap()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload_quietly()))
 
     async def _start_engine(self) -> None:
-        if self.engine is None:
-            return
         try:
-            await self.engine.start()
+            await self.plane.start()
         except Exception as exc:
             log.critical("cannot start: %s", exc)
             if self.on_fatal is not None:
@@ -154,7 +149,7 @@ class Lifecycle:
 
     async def reload_quietly(self) -> None:
         try:
-            await self.plane.engine.reload(None, None)
+            await self.plane.reload(None, None)
         except Exception as exc:
             log.error("SIGHUP reload failed; still serving the old model: %s", exc)
 
@@ -162,8 +157,7 @@ class Lifecycle:
         self.plane.draining = True
         for _, stop in self.hooks:
             await stop()
-        if self.engine is not None:
-            await self.engine.close()
+        await self.plane.close()
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,16 +1,10 @@
 """One write per response: uvicorn's headers and body leave in one ``write`` instead of two.
 
 uvicorn writes a response's status line and headers when the app sends ``http.response.start`` and the body
-with ``http.response.body``: two ``write`` system calls and two TCP segments for every small response (strace:
-2.1 writes per request). Here the writes made in one event-loop step are held and leave joined, in a
-``call_soon`` callback after the callbacks already queued. ``close`` flushes first, so ``Connection: close``
-replies are never lost; everything else goes to the real transport.
-
-Measured (tiny bundle, wrk c=64, alternated with the commit before, /proc CPU; docs/FRONTEND_BENCH.md): one
-text per request, 1.02-1.35x the requests/s in all eight pairs (median 1.12), event-loop CPU 0.13-0.17 vs
-0.15-0.18 ms per request, wrk's own CPU per request about halved; eight texts per request, 0.85-1.07x in nine
-pairs (median 0.93), a likely small loss. Joining the two writes but sending at once when the body arrives
-(no deferral) measured like the commit before: the gain comes from sending the step's responses together.
+with ``http.response.body``: two ``write`` system calls and two TCP segments for every small response. Here the
+writes made in one event-loop step are held and leave joined, in a ``call_soon`` callback after the callbacks
+already queued. ``close`` flushes first, so ``Connection: close`` replies are never lost; everything else goes to
+the real transport. Measured against the two-write path in docs/FRONTEND_BENCH.md.
 """
 
 from __future__ import annotations

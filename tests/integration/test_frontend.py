@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.integration.conftest import free_port, service_command
 from tests.keepalive import KeepAliveClient
 
 TEXT = json.dumps({"inputs": ["the film was great and I loved every minute of it"] * 8}).encode()
@@ -181,3 +183,44 @@ def test_killing_the_supervisor_takes_its_children_with_it(start_server: Any) ->
     server.proc.wait(10)
     _, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def mapped_libraries(proc: psutil.Process) -> str:
+    return Path(f"/proc/{proc.pid}/maps").read_text(encoding="utf-8", errors="replace")
+
+
+def test_only_the_engine_process_loads_onnx_runtime(start_server: Any) -> None:
+    """API processes tokenize and speak the protocols; sessions live in the engine process alone, so ONNX Runtime
+    (hundreds of MB of libraries and arenas) is mapped there and nowhere else, not even in the supervisor."""
+    server = start_server(api_workers=2)
+    children = workers(server)
+    loaded = {c.pid: "onnxruntime" in mapped_libraries(c) for c in children}
+    assert sorted(loaded.values()) == [False, False, True], loaded  # two API processes, one engine
+    assert "onnxruntime" not in mapped_libraries(psutil.Process(server.proc.pid)), "the supervisor loaded it"
+
+
+@pytest.mark.parametrize("second_workers", [1, 2])
+@pytest.mark.parametrize("clash", ["http", "grpc"])
+def test_a_second_server_on_a_port_in_use_refuses_to_start(
+    start_server: Any, tiny_bundle: Path, tmp_path: Path, second_workers: int, clash: str
+) -> None:
+    """With SO_REUSEPORT, API processes could join another server's listeners and silently take part of its
+    traffic; a second server on a port in use must fail with "address already in use", whatever its worker count,
+    and leave the first one serving."""
+    grpc_port = free_port()
+    first = start_server(api_workers=2, grpc_port=grpc_port)
+    listeners = sorted(
+        conn.laddr.port for c in workers(first) for conn in c.net_connections() if conn.status == psutil.CONN_LISTEN
+    )
+    http_port = first.port if clash == "http" else free_port()
+    cmd, env = service_command(tiny_bundle, http_port, api_workers=second_workers, grpc_port=grpc_port)
+    if clash == "http":
+        env["BERTSERVE_GRPC_PORT"] = str(free_port())
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert "address already in use" in (second.stdout + second.stderr).lower(), second.stderr[-2000:]
+    assert first.client.post("/v1/predict", json={"inputs": "a great film"}).status_code == 200
+    after = sorted(
+        conn.laddr.port for c in workers(first) for conn in c.net_connections() if conn.status == psutil.CONN_LISTEN
+    )
+    assert after == listeners, "the first server's listeners changed"

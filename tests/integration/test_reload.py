@@ -140,39 +140,44 @@ def test_sigterm_under_steady_load_drains_without_losing_accepted_requests(start
     t_sig, t_closed = marks["sigterm"], marks.get("listener_closed", float("inf"))
     responses = [o for o in outcomes if o.status is not None]
     no_response = [o for o in outcomes if o.status is None]
-    # A refused connect (ConnectError) never reached the server. One that ends after the listener was last seen
-    # open was refused by the closed listener, whatever the client's clock said when the request began (on a
-    # loaded machine the client's own loop can start the connect hundreds of ms after `started`); one that ends
-    # before it was refused while listening.
-    refused_after_close = [o for o in no_response if o.error == "ConnectError" and o.ended >= marks["last_open"]]
-    surely_accepted = [o for o in outcomes if o.started < t_sig + delay - 0.3]  # listener certainly open
-    lost = [o for o in surely_accepted if o.status != 200 and o not in refused_after_close]
+    # No wall-clock margins: what happened is judged against what the probes saw. A request that failed before the
+    # listener was last seen accepting (``last_open``) failed while the server was still listening: a loss, whatever
+    # the error. After that, a refused connect is the closed listener, and a connection reset is a connect that was
+    # still in the closing listener's accept queue: both never reached the application.
+    t_open = marks["last_open"]
+    refused_after_close = [o for o in no_response if o.ended >= t_open]
+    lost = [o for o in no_response if o.ended < t_open] + [o for o in responses if o.status != 200]
     in_flight_at_close = [o for o in responses if o.started < t_closed < o.ended]
-    served_while_draining = [o for o in responses if t_sig + 0.05 < o.started and o.ended < t_closed]
+    served_while_draining = [o for o in responses if marks["ready_503"] < o.started and o.ended < t_closed]
     print(
         f"\ndrain: {len(outcomes)} requests; readiness 503 after {(marks['ready_503'] - t_sig) * 1e3:.0f} ms, "
         f"listener closed after {(t_closed - t_sig) * 1e3:.0f} ms, exit {rc} after {exited - t_sig:.1f} s; "
         f"served while draining {len(served_while_draining)}, in flight at close {len(in_flight_at_close)} "
         f"(all 200), accepted requests lost {len(lost)}; after the listener closed: "
-        f"{Counter(o.error for o in no_response)}"
+        f"{Counter(o.error for o in refused_after_close)}"
     )
 
     assert rc == 0, server.log()[-3000:]
-    assert exited - t_sig < delay + grace
-    assert marks["ready_503"] - t_sig < 0.5, "readiness did not turn 503 at once"
-    assert marks["ready_503"] < t_closed, "the listener closed before readiness turned 503"
-    assert t_closed - t_sig >= 0.9 * delay, "stopped accepting before the drain delay ran out"
+    assert exited - t_sig < delay + grace, "the drain outlasted its own budget"
+    assert marks["ready_503"] < t_open, "readiness was still 200 when the listener stopped accepting"
+    assert t_closed - t_sig >= delay, "stopped accepting before the drain delay ran out"
     assert served_while_draining, "nothing was served during the drain delay"
-    assert not lost, f"accepted requests failed: {lost[:5]}"
-    assert {o.status for o in responses} == {200}, Counter(o.status for o in responses)
-    # Refused only once the listener closed; dropped unread only for requests sent near or after the close.
-    early = [
-        o
-        for o in no_response
-        if o not in refused_after_close and (o.error == "ConnectError" or o.started < t_sig + delay - 0.3)
-    ]
-    assert not early, f"a connection failed while still listening: {early[:5]}"
+    assert not lost, f"requests failed while the server was listening: {lost[:5]}"
     assert "Traceback" not in server.log()
+
+
+def settled_threads(proc: psutil.Process, timeout_s: float = 30.0) -> int:
+    """The process's thread count once retired models have released their pools: the same count twice, 0.5 s
+    apart (retiring drains and closes in the background), or the last count when it keeps changing."""
+    deadline = time.monotonic() + timeout_s
+    count = proc.num_threads()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = proc.num_threads()
+        if now == count:
+            return count
+        count = now
+    return count
 
 
 # -- hot reload ----------------------------------------------------------------------------------------------
@@ -406,13 +411,13 @@ def test_repeated_reloads_release_old_sessions(start_server: Any, tiny_bundle: P
     warm = 6  # two sessions are resident at a swap: let the allocator reach its high-water mark first
     for i in range(warm):
         reload(i)
-    time.sleep(0.5)
-    base, base_threads = rss(server), proc.num_threads()
+    base_threads = settled_threads(proc)
+    base = rss(server)
     rounds = 14
     for i in range(warm, warm + rounds):
         reload(i)
-    time.sleep(1.0)  # the old engine drains and closes in the background
-    after, after_threads = rss(server), proc.num_threads()
+    after_threads = settled_threads(proc)  # the old engine drains and closes in the background
+    after = rss(server)
     print(
         f"\nreloads: RSS {start / 2**20:.1f} MiB at start, {base / 2**20:.1f} after {warm} reloads, "
         f"{after / 2**20:.1f} after {rounds} more; threads {base_threads} -> {after_threads}"

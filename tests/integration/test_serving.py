@@ -275,7 +275,7 @@ def test_models_endpoint_reports_real_providers_and_settings(shared_server) -> N
     assert set(body["variants"]) >= {"fp32"}
     assert body["variant"] == "fp32"
     batching = body["batching"]
-    assert batching["workers"] == 2 and batching["solo_threads"] == 2 * batching["intra_op_threads"]
+    assert batching["inference_workers"] == 2 and batching["solo_threads"] == 2 * batching["intra_op_threads"]
 
 
 def test_solo_session_can_be_turned_off_and_lone_requests_still_match(start_server, tiny_bundle: Path) -> None:

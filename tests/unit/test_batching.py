@@ -133,7 +133,7 @@ def test_results_come_back_to_their_own_requests_and_batches_form() -> None:
 
 def test_queue_bound_deadline_and_drain() -> None:
     async def main() -> None:
-        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, workers=1))
+        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=3, inference_workers=1))
         batcher.start()
         far = time.monotonic() + 60
         with pytest.raises(QueueFull):
@@ -158,7 +158,7 @@ def test_a_lone_batch_runs_solo_and_load_runs_on_every_worker() -> None:
 
     async def main() -> None:
         backend = EchoBackend(delay=0.02, can_run_solo=True)
-        batcher = make_batcher(backend, BatchPolicy(max_batch_size=2, workers=2))
+        batcher = make_batcher(backend, BatchPolicy(max_batch_size=2, inference_workers=2))
         batcher.start()
         far = time.monotonic() + 60
         for n in (3, 4, 5):  # one client at a time: each batch runs alone
@@ -180,7 +180,9 @@ def test_a_client_that_went_away_is_dropped_before_compute_and_counted() -> None
     async def main() -> None:
         backend = EchoBackend(delay=0.05)
         metrics = Metrics()
-        batcher = Batcher(backend, BatchPolicy(max_batch_size=1, workers=1), metrics.for_model("m", "1"), post)
+        batcher = Batcher(
+            backend, BatchPolicy(max_batch_size=1, inference_workers=1), metrics.for_model("m", "1"), post
+        )
         batcher.start()
         far = time.monotonic() + 60
         busy = batcher.submit(seq(2), far)  # occupies the only worker
@@ -200,7 +202,7 @@ def test_one_future_per_request_leaves_nothing_unretrieved_on_cancel(caplog: pyt
     """A cancelled waiter (a client that went away mid-request) logs no 'exception was never retrieved'."""
 
     async def main() -> None:
-        batcher = make_batcher(EchoBackend(delay=0.02), BatchPolicy(max_batch_size=4, workers=1))
+        batcher = make_batcher(EchoBackend(delay=0.02), BatchPolicy(max_batch_size=4, inference_workers=1))
         batcher.start()
         far = time.monotonic() + 60
         waiters = [asyncio.ensure_future(batcher.submit(seq(3) * 3, far)) for _ in range(8)]
@@ -222,7 +224,7 @@ def test_a_full_queue_makes_room_by_dropping_requests_whose_clients_went_away() 
     """Batches look only at the queue's head; a full queue purges dead rows anywhere before refusing."""
 
     async def main() -> None:
-        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=4, workers=1))
+        batcher = make_batcher(EchoBackend(delay=0.05), BatchPolicy(max_batch_size=1, max_queue=4, inference_workers=1))
         batcher.start()  # its scheduler first runs when this test awaits: the submits below queue together
         far = time.monotonic() + 60
         gone = batcher.submit(seq(3) * 2, far, gone=lambda: True)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.config import Settings
-from service.core import DataPlane, LocalEngine
+from service.core import DataPlane
 from service.engine import Engine
 from service.errors import TABLE
 from service.frontend.app import create_app
@@ -37,8 +37,8 @@ async def client_for(bundle: Path, tracing: Tracing | None = None, **settings: A
     metrics = Metrics()
     engine = Engine(config, metrics, tracing=tracing)
     await engine.start()
-    plane = DataPlane(config, LocalEngine(engine), metrics)
-    app = create_app(config, plane, metrics, Lifecycle(plane, None), tracing)
+    plane = DataPlane(config, engine, metrics)
+    app = create_app(config, plane, metrics, Lifecycle(plane), tracing)
     transport = httpx.ASGITransport(app=app)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://fast") as client:
@@ -164,8 +164,8 @@ def test_not_ready_until_started_and_readiness_probes(tiny_bundle: Path) -> None
         config = Settings(model_dir=tiny_bundle, grpc_port=0, warmup_runs=0)
         metrics = Metrics()
         engine = Engine(config, metrics)
-        plane = DataPlane(config, LocalEngine(engine), metrics)
-        app = create_app(config, plane, metrics, Lifecycle(plane, None))
+        plane = DataPlane(config, engine, metrics)
+        app = create_app(config, plane, metrics, Lifecycle(plane))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fast") as client:
             assert (await client.get("/readyz")).status_code == 503
             r = await client.post("/v1/predict", json={"inputs": "a"})
