@@ -14,7 +14,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import Bundle
+from service.bundle import Bundle, BundleError
 from service.config import RuntimeOptions
 from service.modelio import Encoder, TokenSeq, pad_feeds
 
@@ -42,7 +42,7 @@ def choose_variant(requested: str, bundle: Bundle, on_cuda: bool) -> str:
     available = bundle.manifest.variants
     if requested != "auto":
         if requested not in available:
-            raise ProviderError(f"variant {requested!r} is not in the bundle (has {sorted(available)})")
+            raise BundleError(f"variant {requested!r} is not in the bundle (has {sorted(available)})")
         if requested == "fp16" and not on_cuda:
             # ONNX Runtime's CPU provider has few fp16 kernels: it inserts casts around most ops and runs slower
             # than fp32 with no memory benefit that matters here, so an explicit fp16 request on CPU is refused.
