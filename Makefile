@@ -42,7 +42,7 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(MAKE) typecheck
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # The in-process layer: every test not marked slow (no servers started as processes, no browsers).
 test-fast: setup
