@@ -45,6 +45,7 @@ from training.data import SPLIT_FRACTIONS, SPLIT_NAMES, LabeledData, Splits, loa
 from training.encoding import Encoded, checkpoint_encoder, save_tokenizer
 from training.errors import TrainingError
 from training.evaluate import AnyReport, EvaluateResult, encode_part, evaluate_bundle, graph_logits, report_json, score
+from training.hfconfig import read_base_config, write_hf_config
 
 if TYPE_CHECKING:
     from training.export import ParityResult
@@ -205,6 +206,7 @@ def fit(options: FitOptions) -> FitResult:
     """
     started = time.perf_counter()
     request = check_request(options)
+    base_config = read_base_config(request.base_dir)  # the bundle's config.json builds on it: checked up front
     data, splits = load_and_split(options)
     with _torch_threads(options.threads):
         trained = train_step(options, request, data, splits)
@@ -212,6 +214,7 @@ def fit(options: FitOptions) -> FitResult:
             exported = export_variants(options, trained, staging)
             scored = score_variants(options, trained, staging, exported)
             tokenizer_files = save_tokenizer(trained.encoder, request.base_dir, staging)
+            write_hf_config(staging, base_config, trained.labels, trained.multi_label)  # for Optimum/transformers
             manifest = build_manifest(
                 options, request, data, splits, trained, exported, scored, tokenizer_files, started
             )
