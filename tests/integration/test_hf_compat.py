@@ -138,3 +138,20 @@ def test_the_pipelines_scores_are_bertserves_at_temperature_one(
         head = bundle.manifest.head()
         served = [bundle.manifest.labels[row[0]] for row in head.predict(head.scores(ours))]
         assert [row[0]["label"] for row in opened[kind]["pipeline_scores"]] == served
+
+
+def test_the_readme_snippet_runs_as_printed(optimum_python: str, tiny_bundle: Path, tmp_path: Path) -> None:
+    """README's Optimum snippet, verbatim, in a directory where models/bbc is a bundle; it prints every label."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "ORTModelForSequenceClassification" in snippet and 'pipeline("text-classification"' in snippet
+    lines = snippet.rstrip("\n").splitlines()
+    (tmp_path / "snippet.py").write_text("\n".join([*lines[:-1], f"print({lines[-1]})"]) + "\n", encoding="utf-8")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "bbc").symlink_to(tiny_bundle)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [optimum_python, "snippet.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(f"'label': '{label}'" in proc.stdout for label in load_bundle(tiny_bundle).manifest.labels)
