@@ -11,6 +11,7 @@ A bundle directory holds::
     model.int8.onnx      dynamically int8-quantized graph           (variant "int8", optional)
     model.fp16.onnx      float16 graph, fp32 inputs and outputs     (variant "fp16", optional)
     tokenizer.json       the fast (Rust) tokenizer, plus its config files
+    config.json          Hugging Face config (id2label, problem_type) for Optimum/transformers; never read here
 
 The task is in the manifest: ``problem_type`` (single_label: softmax + argmax; multi_label: sigmoid + a threshold
 per label), ``text_pair`` (the model reads ``[CLS] a [SEP] b [SEP]``), the calibration temperature, and the

@@ -38,3 +38,19 @@ def tiny_bundle_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..
         return build_tiny_bundle(out, name=name, version=version, seed=seed, **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny sentence-pair bundle (labels negative/positive) with an fp16 variant; shared, do not modify."""
+    from training.tiny import build_tiny_pair_bundle
+
+    return build_tiny_pair_bundle(tmp_path_factory.mktemp("pair") / "pair", fp16=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_multi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny multi-label bundle (food/price/service, thresholds) with an fp16 variant; shared, do not modify."""
+    from training.tiny import build_tiny_multilabel_bundle
+
+    return build_tiny_multilabel_bundle(tmp_path_factory.mktemp("multi") / "multi", fp16=True)

@@ -41,10 +41,12 @@ from service.bundle import (
     write_manifest,
 )
 from service.modelio import Encoder, Head
+from training.calibrate import THRESHOLD_RULES
 from training.data import SPLIT_FRACTIONS, SPLIT_NAMES, LabeledData, Splits, load_data, stratified_split
 from training.encoding import Encoded, checkpoint_encoder, save_tokenizer
 from training.errors import TrainingError
 from training.evaluate import AnyReport, EvaluateResult, encode_part, evaluate_bundle, graph_logits, report_json, score
+from training.hfconfig import read_base_config, write_hf_config
 
 if TYPE_CHECKING:
     from training.export import ParityResult
@@ -67,6 +69,7 @@ class FitOptions:
     text_pair_column: str | None = None  # sentence pairs: the second text's column
     multi_label: bool = False
     label_separator: str = ";"
+    thresholds: str = "per-label"  # multi-label decisions: "0.5" or "per-label" (training.calibrate.THRESHOLD_RULES)
     base_model: Path | None = None
     base_model_name: str | None = None  # what the manifest calls the base model; default: derived
     epochs: int = 1
@@ -205,6 +208,7 @@ def fit(options: FitOptions) -> FitResult:
     """
     started = time.perf_counter()
     request = check_request(options)
+    base_config = read_base_config(request.base_dir)  # the bundle's config.json builds on it: checked up front
     data, splits = load_and_split(options)
     with _torch_threads(options.threads):
         trained = train_step(options, request, data, splits)
@@ -212,6 +216,7 @@ def fit(options: FitOptions) -> FitResult:
             exported = export_variants(options, trained, staging)
             scored = score_variants(options, trained, staging, exported)
             tokenizer_files = save_tokenizer(trained.encoder, request.base_dir, staging)
+            write_hf_config(staging, base_config, trained.labels, trained.multi_label)  # for Optimum/transformers
             manifest = build_manifest(
                 options, request, data, splits, trained, exported, scored, tokenizer_files, started
             )
@@ -227,6 +232,8 @@ def fit(options: FitOptions) -> FitResult:
 def check_request(options: FitOptions) -> Request:
     if options.quantize not in (None, "int8"):
         raise TrainingError(f"--quantize {options.quantize}: only 'int8' is supported")
+    if options.thresholds not in THRESHOLD_RULES:
+        raise TrainingError(f"--thresholds {options.thresholds}: expected one of {', '.join(THRESHOLD_RULES)}")
     output = Path(options.output)
     _check_output(output)
     name = _sanitize(options.name or output.resolve().name)
@@ -381,7 +388,7 @@ def score_variants(options: FitOptions, trained: Trained, staging: Path, exporte
 
     Thresholds are chosen on calibrated scores, since those are what the service compares with them.
     """
-    from training.calibrate import calibrate, choose_thresholds, probabilities, reference
+    from training.calibrate import calibrate, probabilities, reference, thresholds_by_rule
 
     fp32 = staging / VARIANT_FILES["fp32"]
     val_logits = graph_logits(fp32, trained.encoded["val"], options.threads)
@@ -392,7 +399,7 @@ def score_variants(options: FitOptions, trained: Trained, staging: Path, exporte
     thresholds = None
     if trained.multi_label:
         val_scores = probabilities(val_logits, True, calibration.temperature)
-        thresholds = tuple(choose_thresholds(val_scores, trained.targets["val"]))
+        thresholds = tuple(thresholds_by_rule(options.thresholds, val_scores, trained.targets["val"]))
     head = Head(
         labels=tuple(trained.labels),
         problem_type="multi_label" if trained.multi_label else "single_label",
@@ -452,6 +459,7 @@ def build_manifest(
             "train_seconds": round(trained.result.train_seconds, 2),
             "total_seconds": round(time.perf_counter() - started, 2),
             "train_truncated_fraction": round(trained.truncated, 4),
+            "threshold_rule": options.thresholds if trained.multi_label else None,
             "export": exported.log,
             "tokenizer_files": tokenizer_files,
             "versions": _versions(),

@@ -24,8 +24,6 @@ from training.metrics import MultiLabelReport
 from training.tiny import (
     MULTI_LABELS,
     PAIR_LABELS,
-    build_tiny_multilabel_bundle,
-    build_tiny_pair_bundle,
     tiny_multilabel_dataset,
     tiny_pair_dataset,
     write_rows,
@@ -33,13 +31,13 @@ from training.tiny import (
 
 
 @pytest.fixture(scope="module")
-def pair_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pair_bundle(tmp_path_factory.mktemp("pair") / "pair", fp16=True)
+def pair_bundle(tiny_pair_bundle: Path) -> Path:
+    return tiny_pair_bundle
 
 
 @pytest.fixture(scope="module")
-def multi_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_multilabel_bundle(tmp_path_factory.mktemp("multi") / "multi", fp16=True)
+def multi_bundle(tiny_multi_bundle: Path) -> Path:
+    return tiny_multi_bundle
 
 
 @pytest.fixture(scope="module")
