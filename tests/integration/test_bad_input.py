@@ -294,7 +294,7 @@ BAD_INPUTS: list[Bad] = [
     v2_binary(binary_header(8), bytes_tensor(b"\xff\xfe\xfd\xfc"), 400, "UTF-8", id="v2-bin-invalid-utf8"),
     v2_binary(binary_header(9), bytes_tensor(b"ab\x00cd"), 422, "NUL", id="v2-bin-nul-byte"),
     v2_binary(binary_header(len(OK_BIN), shape=[2]), OK_BIN, 400, "shape", id="v2-bin-count-mismatch"),
-    # -- Triton's extensions: model configuration, statistics, repository (service/frontend/triton.py) --------
+    # -- Triton's extensions: configuration, statistics, repository (service/frontend/protocols/v2_http.py) --
     Bad("triton-config-unknown-model", b"", 404, ("unknown model",), method="GET", path="/v2/models/nope/config"),
     Bad(
         "triton-config-unknown-version",
