@@ -70,10 +70,8 @@ class Config:
     rounds: int = 1
     server_root: Path = ROOT
     server_set: list[str] = field(default_factory=list)
-    server_label: str = ""
     baseline_root: Path | None = None
     baseline_set: list[str] = field(default_factory=list)
-    baseline_label: str = ""
     wrk_timeout: float = 5.0
     ready_timeout: float = 180.0
     work_dir: Path | None = None
@@ -86,11 +84,10 @@ def plan(cfg: Config) -> list[Target]:
     queue = {} if "BERTSERVE_MAX_QUEUE" in os.environ else queue
     targets = [Target("reference", w, "bench.asgi_reference") for w in cfg.reference_workers]
     ours = queue | procs.settings_env(cfg.server_set)
-    label = cfg.server_label or _label(cfg.server_root)
-    targets += [Target("bertserve", w, label, cfg.server_root, ours) for w in cfg.api_workers]
+    targets += [Target("bertserve", w, _label(cfg.server_root), cfg.server_root, ours) for w in cfg.api_workers]
     if cfg.baseline_root is not None or cfg.baseline_set:
         base, root = queue | procs.settings_env(cfg.baseline_set), cfg.baseline_root or ROOT
-        targets += [Target("baseline", w, cfg.baseline_label or _label(root), root, base) for w in cfg.api_workers]
+        targets += [Target("baseline", w, _label(root), root, base) for w in cfg.api_workers]
     return targets
 
 
@@ -118,7 +115,8 @@ def add_ratios(points: list[dict[str, Any]], reference_workers: int) -> None:
 
 
 def _label(root: Path) -> str:
-    """A tree's commit (short), or its directory name when it is not a git checkout."""
+    """A tree's commit (short), or its directory's name when it is not a git checkout (a ``git archive`` copy:
+    name the directory after what it holds)."""
     commit = procs.git_commit(root)
     return commit[:9] if commit else root.name
 
@@ -187,10 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1, help="repeat the plan, order reversed every other round")
     p.add_argument("--server-root", type=Path, default=ROOT, help="source tree to run bertserve from")
     p.add_argument("--set", dest="server_set", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--server-label", default="", help="name of the measured tree (default: its commit)")
     p.add_argument("--baseline-root", type=Path, help="measure a baseline bertserve from this tree too")
     p.add_argument("--baseline-set", action="append", default=[], metavar="NAME=VALUE", help="baseline setting")
-    p.add_argument("--baseline-label", default="", help="name of the baseline (default: its commit)")
     p.add_argument("--wrk-timeout", type=float, default=5.0, help="wrk --timeout: slower responses are errors")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--work-dir", type=Path, help="logs, bodies and the tiny bundle (default: a new temp dir)")

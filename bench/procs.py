@@ -247,9 +247,10 @@ def host_info() -> dict[str, object]:
 
 
 def git_commit(root: Path = ROOT) -> str | None:
-    """The commit checked out in ``root`` (None outside a git checkout, e.g. a ``git archive`` copy)."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if done.returncode == 0:
-            return done.stdout.strip()
+    """The commit checked out in ``root``; None when ``root`` is not the top of a git checkout (a ``git archive``
+    copy, even one inside another repository)."""
+    argv = ["git", "rev-parse", "--show-toplevel", "HEAD"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        top, commit = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=10).stdout.split()
+        return commit if Path(top).resolve() == root.resolve() else None
     return None

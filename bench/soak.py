@@ -2,7 +2,7 @@
 
 wrk (:mod:`bench.load`, ``--concurrency`` connections, default 32: far more than one batch, so the queue never runs
 dry) sends ``POST /v1/predict`` with the workload's texts for ``--duration`` seconds (default 600; not run in CI),
-as back-to-back runs of ``--interval`` seconds. Each interval gives one row: requests per second, latency p50 / p99,
+as back-to-back wrk runs of ``--interval`` seconds. Each interval gives one row: requests per second, latency p50 / p99,
 errors, the server's resident memory and CPU (psutil, whole process tree) and its queue depth from /metrics, read
 halfway through. At the end: totals, 5xx and 429 answers as the server counted them (``bertserve_requests_total``),
 memory at start / end / peak and the first and last intervals' throughput, so a slow leak or slow-down shows as a
@@ -48,7 +48,7 @@ def soak(url: str, pid: int, bodies: Path, args: argparse.Namespace) -> dict[str
     first = scrape(url)
     rss_start, cpu_prev = procs.rss_bytes(pid), procs.tree_cpu_seconds(pid)
     rows: list[dict[str, Any]] = []
-    while time.monotonic() - start < args.duration:
+    for _ in range(max(1, round(args.duration / args.interval))):
         t0 = time.monotonic()
         proc = load.start_wrk(url + "/v1/predict", bodies, args.concurrency, args.interval, args.timeout)
         time.sleep(args.interval / 2)

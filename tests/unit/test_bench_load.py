@@ -78,5 +78,6 @@ def test_wrk_sends_every_body_in_turn_and_the_servers_cpu_is_measured(tmp_path: 
     assert point["requests"] / 4 < point["errors"] < point["requests"] / 2
     assert point["rps"] == pytest.approx((point["requests"] - point["errors"]) / point["seconds"], rel=0.02)
     cpu = point["server_cpu_ms"]
-    assert 0 < cpu["loop"] <= cpu["api"] == cpu["total"]  # one process: it holds the listener
+    assert cpu["api"] == cpu["total"]  # one process: it holds the listener
+    assert 0 < cpu["loop"] <= cpu["api"] + 20 / point["requests"]  # thread and process clocks differ by a tick or two
     assert point["wrk_cpu_ms"] > 0 and 0 < point["latency_ms"]["p50"] <= point["latency_ms"]["p99"]
