@@ -52,42 +52,42 @@ def _source(summary: dict[str, Any], points: Iterable[dict[str, Any]] | None = N
 
 
 # -- the demo benchmark (bench.run) ---------------------------------------------------------------------------
+DEMO_HEADER = ["", "clients", "inputs/request", "inputs/s", "/ ceiling", "p50 ms", "p99 ms", "mean batch"]
+DEMO_HEADER += ["CPU ms/input", "p99 / naive", "/ baseline"]
+
+
 def _layout(result: dict[str, Any]) -> str:
     w, t = result["workers"], result["threads"]
     return f"{w} session{'s' * (w > 1)} x {t} thread{'s' * (t > 1)}, batch {result['batch_size']} {result['order']}"
 
 
-def demo_table(
-    summary: dict[str, Any], servers: Sequence[str] = ("naive", "bertserve", "baseline"), brief: bool = False
-) -> str:
-    """The ceiling and every point of ``servers`` for every variant, as fractions of that variant's ceiling (and
-    of the baseline bertserve's, when one was measured); ``brief``: the main columns and a short caption."""
-    header = ["", "clients", "inputs/request", "inputs/s", "/ ceiling", "p50 ms", "p99 ms", "mean batch"]
-    header += ["CPU ms/input", "/ baseline"]
-    rows: list[list[str]] = []
+def _ceiling_rows(variant: str, ceiling: dict[str, Any]) -> list[list[object]]:
+    best, batch1 = ceiling.get("best"), ceiling.get("batch1")
+    rows: list[list[object]] = []
+    if best:
+        rows.append([f"{variant} ceiling ({_layout(best)})", "-", "-", _num(best["sequences_per_s"]), "1.00"])
+    if best and batch1:
+        ratio = _num(batch1["sequences_per_s"] / best["sequences_per_s"], 2)
+        threads = f"{batch1['threads']} thread{'s' * (batch1['threads'] > 1)}"
+        rows.append([f"{variant} ceiling, batch 1 ({threads})", 1, 1, _num(batch1["sequences_per_s"]), ratio])
+        rows[-1].append(_num(batch1["p50_ms"]))
+    return rows
+
+
+def _point_row(label: str, p: dict[str, Any]) -> list[object]:
+    cpu = (p["server_cpu_ms"] or {}).get("total")
+    row = [label, p["concurrency"], p["inputs_per_request"], _num(p["inputs_per_s"]), _num(p["vs_ceiling"], 2)]
+    row += [_num(p["latency_ms"]["p50"]), _num(p["latency_ms"]["p99"]), _num(p["mean_batch_size"])]
+    return [*row, _num(cpu and cpu / p["inputs_per_request"], 2), _num(p["p99_vs_naive"], 2), _num(p["vs_baseline"], 3)]
+
+
+def demo_table(summary: dict[str, Any]) -> str:
+    """The ceiling and every server point of every variant, as fractions of that variant's ceiling (and of the
+    baseline bertserve's, when one was measured)."""
+    rows: list[list[object]] = []
     for variant, block in summary["variants"].items():
-        best, batch1 = ((block["ceiling"] or {}).get(k) for k in ("best", "batch1"))
-        if best:
-            rows.append([f"{variant} ceiling ({_layout(best)})", "-", "-", _num(best["sequences_per_s"]), "1.00"])
-        if best and batch1:
-            ratio = _num(batch1["sequences_per_s"] / best["sequences_per_s"], 2)
-            threads = f"{batch1['threads']} thread{'s' * (batch1['threads'] > 1)}"
-            rows.append([f"{variant} ceiling, batch 1 ({threads})", "1", "1", _num(batch1["sequences_per_s"])])
-            rows[-1] += [ratio, _num(batch1["p50_ms"])]
-        for p in (p for p in block["points"] if p["server"] in servers):
-            cpu = (p["server_cpu_ms"] or {}).get("total")
-            rows.append(
-                [f"{variant} {p['server']}", p["concurrency"], p["inputs_per_request"], _num(p["inputs_per_s"])]
-            )
-            rows[-1] += [_num(p["vs_ceiling"], 2), _num(p["latency_ms"]["p50"]), _num(p["latency_ms"]["p99"])]
-            rows[-1] += [_num(p["mean_batch_size"]), _num(cpu and cpu / p["inputs_per_request"], 2)]
-            rows[-1] += [_num(p["vs_baseline"], 3)]
-    if brief:  # the servers' rows; the first variant's ceiling in the caption
-        best = next(iter(summary["variants"].values()))["ceiling"]["best"]
-        single = len(summary["variants"]) == 1
-        served = [[r[0].partition(" ")[2] if single else r[0], *r[1:]] for r in rows if "ceiling" not in r[0]]
-        where = f"{_source(summary)}; ceiling {_num(best['sequences_per_s'])} inputs/s"
-        return f"{where}:\n\n" + markdown(header, served, header[:7])
+        rows += _ceiling_rows(variant, block["ceiling"] or {})
+        rows += [_point_row(f"{variant} {p['server']}", p) for p in block["points"]]
     config, tokens = summary["config"], summary["workload"]["tokens"]
     caption = (
         f"Bundle `{config['model']}` ({config['provider']}), {summary['workload']['n']:,} BBC News texts (tokens "
@@ -95,7 +95,17 @@ def demo_table(
         f"{config['duration_s']:g} s per point after {config['warmup_s']:g} s of warm-up; "
         f"{_source(summary, (p for b in summary['variants'].values() for p in b['points']))}."
     )
-    return caption + "\n\n" + markdown(header, rows)
+    return caption + "\n\n" + markdown(DEMO_HEADER, rows)
+
+
+def demo_brief(summary: dict[str, Any]) -> str:
+    """The README's lines: the first variant's bertserve with one client, with 64, and with several texts per
+    request, in the main columns."""
+    variant, block = next(iter(summary["variants"].items()))
+    picked = [p for p in block["points"] if p["server"] == "bertserve"]
+    rows = [_point_row(p["server"], p) for p in picked if p["concurrency"] in (1, 64) or p["inputs_per_request"] > 1]
+    best = _num(block["ceiling"]["best"]["sequences_per_s"])
+    return f"{_source(summary)}; {variant} ceiling {best} inputs/s:\n\n" + markdown(DEMO_HEADER, rows, DEMO_HEADER[:7])
 
 
 # -- the front-end benchmark (bench.frontend) -----------------------------------------------------------------
@@ -184,7 +194,7 @@ def write_summary(summary: dict[str, Any], path: Path | None, kind: str) -> Path
 # -- the docs -------------------------------------------------------------------------------------------------
 RENDER: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "demo": ("demo.json", demo_table),
-    "demo-readme": ("demo.json", lambda summary: demo_table(summary, ("bertserve",), brief=True)),
+    "demo-readme": ("demo.json", demo_brief),
     "frontend": ("frontend.json", frontend_table),
     "frontend-readme": ("frontend.json", lambda summary: frontend_table(summary, 64, brief=True)),
     "isolation": ("isolation.json", isolation_table),
