@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     path = tables.write_summary(summary, args.json, "soak")
     print(
         f"soak: {result['duration_s']} s, req/s first/last {result['rps_first_last']}, 5xx/429 {result['answers']}, "
-        f"transport errors {result['transport_errors']}, RSS {result['rss_mib']} MiB; summary {path}",
+        f"transport errors {result['transport_errors']}, RSS {result['rss_mib']} MiB; summary {path}, log {work}",
         file=sys.stderr,
     )
     return 1 if died or result["answers"]["5xx"] or result["transport_errors"] else 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import load
-from bench.procs import Server, free_port, ints, loopback_url, running, settings_env
+from bench.procs import Server, free_port, ints, running, settings_env
 
 LINE = (
     'WRK_JSON {"requests":10,"bytes":5,"duration_us":2000000,"errors":{"connect":0,"read":1,"write":0,"status":2,'
@@ -51,16 +51,6 @@ def test_command_line_helpers() -> None:
     }
     with pytest.raises(argparse.ArgumentTypeError):
         settings_env(["no_value"])
-
-
-REMOTE = ["http://example.com:8000", "http://10.0.0.1:8000", "http://0.0.0.0:8000", "https://127.0.0.1:8000"]
-
-
-@pytest.mark.parametrize("url", [*REMOTE, "http://127.0.0.1.nip.io:8000", "http://user@evil.example:80"])
-def test_only_loopback_urls(url: str) -> None:
-    with pytest.raises(ValueError):
-        loopback_url(url)
-    assert loopback_url("http://localhost:8123/") == "http://localhost:8123"
 
 
 @pytest.mark.slow
