@@ -105,34 +105,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.interval < 1 or args.concurrency < 1:
         parser.error("duration must be > 0, interval and concurrency >= 1")
     started = datetime.now(UTC)
-    work = Path(tempfile.mkdtemp(prefix="bertserve-soak-"))
     texts = load_texts(args.texts) if args.texts else make_texts(args.n_texts, 0)
-    bodies = load.write_bodies(work / "bodies.jsonl", workload_bodies(texts, args.inputs_per_request))
-    port = procs.free_port()
-    argv_ = procs.service_argv(port, "--model-dir", str(args.model_dir), "--grpc-port", "0")
-    server = Server("bertserve", argv_, port, work / "server.log", procs.settings_env(args.set))
-    server.start()
-    try:
-        server.wait_ready(args.ready_timeout)
-        result = soak(server.base_url, server.pid, bodies, args)
-    except ServerError as exc:
-        print(f"soak: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        died, drain_start = not server.alive(), time.monotonic()
-        exit_status = server.stop(grace=60)
+    with tempfile.TemporaryDirectory(prefix="bertserve-soak-") as tmp:
+        bodies = load.write_bodies(Path(tmp) / "bodies.jsonl", workload_bodies(texts, args.inputs_per_request))
+        port = procs.free_port()
+        argv_ = procs.service_argv(port, "--model-dir", str(args.model_dir), "--grpc-port", "0")
+        server = Server("bertserve", argv_, port, Path(tmp) / "server.log", procs.settings_env(args.set))
+        server.start()
+        try:
+            server.wait_ready(args.ready_timeout)
+            result = soak(server.base_url, server.pid, bodies, args)
+        except ServerError as exc:
+            print(f"soak: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            died, drain_start = not server.alive(), time.monotonic()
+            exit_status = server.stop(grace=60)
+            drain_s = round(time.monotonic() - drain_start, 2)
+            if died:
+                print(f"soak: the server died:\n{server.log_tail()}", file=sys.stderr)
     summary = {
         "tool": "bench.soak",
         "created": started.isoformat(timespec="seconds"),
         "settings": procs.settings_env(args.set),
         "concurrency": args.concurrency,
         **result,
-        "shutdown": {"died": died, "exit_status": exit_status, "drain_s": round(time.monotonic() - drain_start, 2)},
+        "shutdown": {"died": died, "exit_status": exit_status, "drain_s": drain_s},
     }
     path = tables.write_summary(summary, args.json, "soak")
     print(
         f"soak: {result['duration_s']} s, req/s first/last {result['rps_first_last']}, 5xx/429 {result['answers']}, "
-        f"transport errors {result['transport_errors']}, RSS {result['rss_mib']} MiB; summary {path}, log {work}",
+        f"transport errors {result['transport_errors']}, RSS {result['rss_mib']} MiB; summary {path}",
         file=sys.stderr,
     )
     return 1 if died or result["answers"]["5xx"] or result["transport_errors"] else 0
