@@ -6,7 +6,7 @@ uvloop and httptools (as the service runs), read the body, parse it with orjson,
 [str]}``, and serialize one fixed prediction per input in bertserve's response shape
 (``{"model", "version", "predictions": [[{"label", "score"}...]], "labels": [[...]]}``, 3 labels). The gap
 between this and bertserve is the cost of bertserve's own request path (framework, validation, tokenization,
-batching hand-off, metrics), which is what issue 12 sets out to shrink.
+batching hand-off, metrics).
 
 Usage: ``python -m bench.asgi_reference --port P [--host 127.0.0.1] [--workers N]``; ``GET /readyz`` is 200.
 """
@@ -88,14 +88,6 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI callable: ``POST /v1/predict``, ``GET /readyz`` and ``GET /healthz``; 404 otherwise."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
     if scope["type"] != "http":
         return
     path, method = scope["path"], scope["method"]
@@ -133,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
-        lifespan="on",
+        lifespan="off",
         access_log=False,
         log_level="warning",
     )

@@ -1,23 +1,18 @@
-"""The same comparison on a GPU: CUDA execution provider, fp32 and fp16 graphs, I/O binding.
+"""The demo benchmark on a GPU: CUDA execution provider, fp32 and fp16 graphs, I/O binding.
 
-The ceiling here is raw ONNX Runtime on CUDA (inputs bound from host memory, logits bound on the device and
-copied back once: see :func:`bench.ceiling.make_runner`), batch sizes up to 256; the naive server and bertserve
-run with the CUDA provider (``BERTSERVE_PROVIDER=cuda``, so the service refuses to start rather than quietly
-falling back to CPU). The printed ratio is bertserve's best throughput over the raw ORT CUDA ceiling (target
->= 0.8).
-
-When the bundle has no ``fp16`` variant, one is made in a temporary copy of the bundle (ONNX Runtime's float16
-converter, inputs and outputs kept fp32), so the service can serve it like any other variant.
-
-Exits 0 with a message when CUDA cannot really be used: onnxruntime-gpu lists the CUDA provider as available
-even on machines without a GPU or without the CUDA libraries, and then silently runs on CPU, so the check is
-``session.get_providers()`` of a real session, not ``get_available_providers()``.
+The ceiling is raw ONNX Runtime on CUDA (inputs bound from host memory, logits bound on the device and copied back
+once: :func:`bench.ceiling.make_runner`), batch sizes up to 256; the servers run with ``BERTSERVE_PROVIDER=cuda``
+(the service refuses to start rather than quietly fall back to CPU). Printed last: bertserve's best throughput over
+the CUDA ceiling. Without an ``fp16`` variant, one is made in a temporary copy of the bundle (ONNX Runtime's float16
+converter, inputs and outputs kept fp32). Exits 0 with a message when CUDA cannot really be used: onnxruntime-gpu
+lists CUDA even without a GPU and then runs on CPU, so the check is a real session's ``get_providers()``.
 
 Usage: ``python -m bench.gpu --model-dir models/bbc [--variant fp32,fp16] [any bench.run option]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -26,8 +21,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from bench import report as bench_report
-from bench import run
+from bench import run, tables
 from bench.ceiling import CUDA, cuda_active, make_session
 from service.bundle import VARIANT_FILES, Variant, load_bundle, write_manifest
 
@@ -56,16 +50,10 @@ def cuda_status(model_path: Path) -> tuple[bool, str]:
 
 
 def gpu_name() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown GPU"
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown GPU"
+    argv = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[0]
+    return "unknown GPU"
 
 
 def bundle_with_fp16(model_dir: Path, work: Path) -> Path:
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = run.build_parser()
     parser.prog = "python -m bench.gpu"
     parser.description = __doc__.split("\n")[0]
-    parser.set_defaults(variant="fp32,fp16", batch_sizes=GPU_BATCH_SIZES)
+    parser.set_defaults(variant=["fp32", "fp16"], batch_sizes=GPU_BATCH_SIZES)
     args = parser.parse_args(argv)
     args.provider = "cuda"
     bundle = load_bundle(args.model_dir)
@@ -104,20 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     device = gpu_name()
     print(f"bench.gpu: {why} on {device}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        variants = [v for v in args.variant.split(",") if v]
-        if "fp16" in variants:
+        if "fp16" in args.variant:
             args.model_dir = bundle_with_fp16(args.model_dir, Path(tmp))
-        cfg = run.config_from_args(args)
-        report, json_path, png_path = run.run_comparison(cfg)
+        cfg = run.Config(**vars(args))
+        summary = run.run_comparison(cfg)
+    summary["host"]["gpu"] = device
+    path = tables.write_summary(summary, cfg.json, "gpu")
     print(f"GPU: {device}")
-    print(bench_report.format_report(report))
-    print("\nbertserve best / raw ONNX Runtime CUDA ceiling (target >= 0.8):")
-    for variant, block in report["variants"].items():
-        ratio = ((block.get("ratios") or {}).get("best_vs_ceiling") or {}).get("bertserve")
-        verdict = "-" if ratio is None else ("met" if ratio >= CEILING_RATIO_TARGET else "NOT met")
-        shown = "-" if ratio is None else f"{ratio:.3f}"
-        print(f"  {variant:<5s} {shown} [{verdict}]")
-    print(f"\nwrote {json_path} and {png_path.name}")
+    print(tables.demo_table(summary))
+    print(f"\nbertserve best / raw ONNX Runtime CUDA ceiling (target >= {CEILING_RATIO_TARGET}):")
+    for variant, block in summary["variants"].items():
+        ratio = max((p["vs_ceiling"] or 0 for p in block["points"] if p["server"] == "bertserve"), default=None)
+        verdict = "-" if not ratio else ("met" if ratio >= CEILING_RATIO_TARGET else "NOT met")
+        print(f"  {variant:<5s} {'-' if not ratio else f'{ratio:.3f}'} [{verdict}]")
+    print(f"\nsummary: {path}")
     return 0
 
 

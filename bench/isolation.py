@@ -1,35 +1,31 @@
 """Neighbour isolation: one model's p99 alone, and while another model on the same server is saturated.
 
-Issue 13 asks that a saturated model not push another model's p99 above 2x its solo p99. The measurement must
-not disturb itself: the saturating load comes from wrk (a separate, efficient process), and the probe is one
-sequential client (httpx, this process) that sends ``--probes`` requests to the neighbour, solo first, then
-while wrk saturates the other model. A probe sharing its interpreter with load threads would time its own
-wait for the GIL, not the server's (the first version of this measurement, inside a test, did exactly that).
+Two copies of one bundle in a temporary repository (``alpha`` saturated, ``beta`` probed) are served by
+``python -m service --model-repository``; ``BERTSERVE_*`` variables pass through. The saturating load comes from wrk
+(a separate, efficient process) and the probe is one sequential client (httpx, in this process) that sends
+``--probes`` requests to beta, first alone, then while wrk saturates alpha. A probe sharing its interpreter with
+load threads would time its own wait for the GIL, not the server's.
 
-Both models are copies of one bundle in a temporary repository (``alpha`` saturated, ``beta`` probed), served
-by ``python -m service --model-repository``; ``BERTSERVE_*`` variables pass through.
-
-CLI: ``python -m bench.isolation [--model-dir DIR] [--concurrency 8,64] [--probes 400] [--json PATH]``
-(default bundle: the tiny one, built on the fly). Needs wrk.
+CLI: ``python -m bench.isolation [--model-dir DIR] [--concurrency 8,64] [--probes 400] [--json PATH]`` (default
+bundle: the tiny one, built on the fly). Needs wrk.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.frontend import build_tiny, run_wrk, wrk_available
-from bench.procs import Server, free_port, running
+from bench import load, procs, tables
+from bench.procs import Server, ints
 
 PROBE_TEXT = "a fairly ordinary sentence about a film"
 LOAD_TEXT = PROBE_TEXT + " that goes on for a while, as reviews do, before it says what it thought" * 2
@@ -50,7 +46,8 @@ def probe(url: str, n: int, pause_s: float = 0.005) -> dict[str, float]:
             if response.status_code != 200:
                 raise RuntimeError(f"probe got {response.status_code}: {response.text}")
             time.sleep(pause_s)
-    return {"p50_ms": float(np.percentile(times, 50)) * 1000, "p99_ms": float(np.percentile(times, 99)) * 1000}
+    p50, p99 = np.percentile(times, [50, 99]) * 1000
+    return {"p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3)}
 
 
 def measure(url: str, body: Path, concurrency: int, probes: int) -> dict[str, Any]:
@@ -58,60 +55,60 @@ def measure(url: str, body: Path, concurrency: int, probes: int) -> dict[str, An
     probe(url, 30)  # warm the connection path
     solo = probe(url, probes)
     duration = max(5.0, probes * (solo["p50_ms"] / 1000 + 0.005) * 4 + 5)
-    load: dict[str, Any] = {}
+    result: dict[str, Any] = {}
     thread = threading.Thread(
-        target=lambda: load.update(run_wrk(url + "/v2/models/alpha/infer", body, concurrency, duration, 10))
+        target=lambda: result.update(load.run_wrk(url + "/v2/models/alpha/infer", body, concurrency, duration, 10))
     )
     thread.start()
     time.sleep(2)  # wrk connected and the queue full before the first probe
     loaded = probe(url, probes)
     thread.join()
-    alpha_rps = load["requests"] / (load["duration_us"] / 1e6) if load.get("duration_us") else None
     return {
         "concurrency": concurrency,
         "solo": solo,
         "saturated": loaded,
-        "p99_ratio": loaded["p99_ms"] / solo["p99_ms"],
-        "p50_ratio": loaded["p50_ms"] / solo["p50_ms"],
-        "alpha_requests_per_s": alpha_rps,
-        "alpha_errors": load.get("errors"),
+        "p99_ratio": round(loaded["p99_ms"] / solo["p99_ms"], 3),
+        "p50_ratio": round(loaded["p50_ms"] / solo["p50_ms"], 3),
+        "alpha_requests_per_s": round(result["requests"] / (result["duration_us"] / 1e6), 1),
+        "alpha_errors": sum(result["errors"].values()),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.isolation", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, help="bundle served as both models (default: the tiny one)")
-    parser.add_argument("--concurrency", default="8,64", help="wrk connections saturating alpha (comma list)")
+    parser.add_argument("--concurrency", type=ints, default=[8, 64], help="wrk connections saturating alpha")
     parser.add_argument("--probes", type=int, default=400)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="summary file (default: bench/results/isolation-UTC.json)")
     args = parser.parse_args(argv)
-    if not wrk_available():
+    if not shutil.which("wrk"):
         parser.error("needs wrk (Debian: apt-get install wrk)")
+    started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="bertserve-isolation-") as tmp:
         work = Path(tmp)
-        bundle = args.model_dir or build_tiny(work)
+        bundle = args.model_dir or procs.build_tiny(work)
         for name in ("alpha", "beta"):
             shutil.copytree(bundle, work / "repo" / name / "1")
-        body = work / "alpha.json"
-        body.write_text(json.dumps(v2_body(LOAD_TEXT)))
-        port = free_port()
-        argv_ = [sys.executable, "-m", "service", "--model-repository", str(work / "repo")]
-        argv_ += ["--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0"]
+        body = load.write_bodies(work / "alpha.jsonl", [v2_body(LOAD_TEXT)])
+        port = procs.free_port()
+        argv_ = procs.service_argv(port, "--model-repository", str(work / "repo"), "--grpc-port", "0")
         server = Server("bertserve", argv_, port, work / "server.log")
-        results = []
-        with running(server, ready_timeout=300):
-            for concurrency in (int(c) for c in args.concurrency.split(",")):
-                result = measure(server.base_url, body, concurrency, args.probes)
-                results.append(result)
-                print(
-                    f"alpha saturated by wrk c={concurrency} ({result['alpha_requests_per_s'] or 0:.0f} req/s): "
-                    f"beta p99 {result['saturated']['p99_ms']:.2f} ms vs {result['solo']['p99_ms']:.2f} ms solo "
-                    f"= {result['p99_ratio']:.2f}x (p50 {result['p50_ratio']:.2f}x)",
-                    flush=True,
-                )
-    report = {"tool": "bench.isolation", "model_dir": str(args.model_dir or "tiny"), "runs": results}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        runs = []
+        with procs.running(server, ready_timeout=300):
+            for concurrency in args.concurrency:
+                runs.append(measure(server.base_url, body, concurrency, args.probes))
+                procs.log(f"alpha saturated by wrk c={concurrency}: {runs[-1]}")
+    summary = {
+        "tool": "bench.isolation",
+        "created": started.isoformat(timespec="seconds"),
+        "git_commit": procs.git_commit(),
+        "model": "tiny" if args.model_dir is None else args.model_dir.name,
+        "probes": args.probes,
+        "runs": runs,
+    }
+    path = tables.write_summary(summary, args.json, "isolation")
+    print(tables.isolation_table(summary))
+    print(f"\nsummary: {path}")
     return 0
 
 

@@ -3,11 +3,10 @@
 This is what most people write first, and on a small CPU it is a strong baseline: a batch of one pads nothing.
 It is deliberately idiomatic rather than tuned: a pydantic request model, a plain ``def`` endpoint (FastAPI runs
 it in its thread pool, so several requests may run the session at once) and FastAPI's default JSON response.
-``--endpoint async`` instead runs the model on the event loop (one request at a time), the other common form.
 
-It speaks the bertserve request/response shape of ``POST /v1/predict`` and answers ``/healthz`` and
-``/readyz``, so the same load generator drives both. Its one session uses the service's session options (see
-:func:`bench.ceiling.session_options`) on every core, as a per-request server usually is set up; the service
+It speaks the bertserve request/response shape of ``POST /v1/predict`` and answers ``/readyz``, so the same load
+drives both. Its one session uses the service's session options (see
+:func:`bench.ceiling.make_session`) on every core, as a per-request server usually is set up; the service
 instead splits the cores between single-threaded workers, which is part of its serving strategy.
 
 Run: ``python -m bench.naive_server --model-dir DIR --port 8001 [--variant fp32] [--threads N]``
@@ -17,6 +16,7 @@ Run: ``python -m bench.naive_server --model-dir DIR --port 8001 [--variant fp32]
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +25,9 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from bench.ceiling import cuda_active, input_names, make_session, naive_threads
+from bench.ceiling import cuda_active, input_names, make_session
 from service.bundle import load_bundle
+from service.config import Settings
 from service.modelio import Encoder, TooLong, pad_feeds, softmax
 
 
@@ -68,28 +69,16 @@ class Model:
         return {"model": self.manifest.name, "version": self.manifest.version, "predictions": predictions}
 
 
-def create_app(model: Model, endpoint: str = "sync") -> FastAPI:
+def create_app(model: Model) -> FastAPI:
     app = FastAPI(title="naive baseline")
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
     @app.get("/readyz")
     def readyz() -> dict[str, str]:
         return {"status": "ready"}
 
-    if endpoint == "sync":
-
-        @app.post("/v1/predict")
-        def predict(request: PredictRequest) -> dict[str, object]:
-            return model.predict(request)
-
-    else:
-
-        @app.post("/v1/predict")
-        async def predict_async(request: PredictRequest) -> dict[str, object]:
-            return model.predict(request)
+    @app.post("/v1/predict")
+    def predict(request: PredictRequest) -> dict[str, object]:
+        return model.predict(request)
 
     return app
 
@@ -98,16 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.naive_server", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--variant", default="fp32")
-    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(
         "--threads", type=int, default=0, help="intra-op threads; 0 = the service's intra_op_threads or all cores"
     )
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--endpoint", choices=["sync", "async"], default="sync")
     args = parser.parse_args(argv)
-    model = Model(args.model_dir, args.variant, args.threads or naive_threads(), args.provider)
-    uvicorn.run(create_app(model, args.endpoint), host=args.host, port=args.port, log_level="warning", access_log=False)
+    # one session, on the service's intra_op_threads if set, else on every usable core (the usual single-session
+    # set-up; the service itself splits the cores between its workers)
+    threads = args.threads or Settings().intra_op_threads or len(os.sched_getaffinity(0))
+    model = Model(args.model_dir, args.variant, threads, args.provider)
+    uvicorn.run(create_app(model), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
     return 0
 
 

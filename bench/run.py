@@ -1,195 +1,51 @@
-"""One command for the whole comparison: ceiling, naive server and bertserve on the same texts, side by side.
+"""The demo benchmark: the in-process ceiling, a naive server and bertserve on the same texts, in one run.
 
-For each bundle variant it measures, in this order and with nothing else of ours running:
+Per bundle variant, one after the other: the in-process ONNX Runtime ceiling (:mod:`bench.ceiling`, in a subprocess
+so its memory and threads are gone before the servers start), the naive per-request server
+(:mod:`bench.naive_server`), bertserve (``BERTSERVE_*`` settings from the environment or ``--set NAME=VALUE``) and,
+with ``--baseline-root DIR``, bertserve from another checkout (or ``.`` with ``--baseline-set``): a same-run A/B.
+Each server is measured at every ``--concurrency`` with one text per request and at ``--multi-concurrency`` with
+``--inputs-per-request``, by wrk (:mod:`bench.load`) sending the workload's texts in turn (:mod:`bench.workload`:
+the length mix decides padding and batching), after ``--warmup`` seconds of the same load.
 
-1. the in-process ONNX Runtime ceiling (``bench.ceiling``, in a subprocess so its memory and threads are gone
-   before the servers start);
-2. the naive per-request server (``bench.naive_server``) at each ``--concurrency``, plus ``--inputs-per-request``
-   8 at ``--multi-concurrency``;
-3. bertserve (``python -m service``) the same way; ``BERTSERVE_*`` settings pass through from the environment
-   or from ``--set NAME=VALUE``.
+Why ratios measured in one run: absolute numbers drift 5-20% from run to run on a small shared machine, but the
+servers and the ceiling measured minutes apart on the same texts drift together. So every throughput is reported
+over the ceiling's best, and bertserve's p99 over the naive server's (and its throughput over the baseline's).
 
-Every server is its own process on a free 127.0.0.1 port, waited for on /readyz (or /healthz), driven by the
-load generator as a separate process (``bench.loadgen``), and always killed at the end, also on Ctrl-C. The
-table of ratios (throughput / ceiling best, p99 vs naive, p50 at c=1 vs ceiling batch-1 latency + 3 ms) is
-printed; the full report goes to ``bench/results/NAME.json`` and a plot to ``bench/results/NAME.png``.
-
-Why ratios measured in one run: on a small shared machine absolute numbers drift 5-20% from run to run, but the
-servers and the ceiling measured minutes apart on the same texts drift together. Server and client CPU seconds
-per request are recorded too, because on 2 cores the load generator's own CPU is taken from the server.
-
-The parts: :mod:`bench.procs` starts, watches and stops the servers; :mod:`bench.report` turns the JSON
-report into ratios, the table and the plot; this module is the runner that sequences them.
-
-Usage: ``python -m bench.run --model-dir models/bbc [--variant fp32,int8] [--duration 30 --warmup 5]``;
-``--quick`` is a smoke test of a few seconds.
+Usage: ``python -m bench.run --model-dir models/bbc [--variant fp32,int8] [--json PATH]``; ``--quick`` is a smoke
+test of a few seconds. The summary goes to ``--json`` (default ``bench/results/run-UTC.json``), its table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
-import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ROOT, Server, ServerError, child_env, free_port, http_get, running, service_argv
-from bench.report import compute_ratios, cross_variant, format_report, plot, row_text
-from bench.workload import length_summary, make_texts, save_texts, token_lengths
+from bench import load, procs, tables
+from bench.procs import ROOT, Server, ServerError, ints
+from bench.workload import length_summary, make_texts, save_texts, token_lengths, workload_bodies
 from service.bundle import load_bundle
 
-RESULTS = ROOT / "bench" / "results"
+SERVERS = ("naive", "bertserve", "baseline")
 
 
-# -- measurements --------------------------------------------------------------------------------------
-def module_argv(module: str, flags: dict[str, object]) -> list[str]:
-    """``python -m MODULE --name value ...`` with this interpreter; flags whose value is None are left out."""
-    argv = [sys.executable, "-m", module]
-    for name, value in flags.items():
-        if value is not None:
-            argv += [f"--{name}", str(value)]
-    return argv
-
-
-def run_ceiling(model_dir: Path, variant: str, texts_file: Path, cfg: Config, work: Path) -> dict[str, Any]:
-    out = work / f"ceiling-{variant}.json"
-    flags = {
-        "model-dir": model_dir,
-        "variant": variant,
-        "texts": texts_file,
-        "json": out,
-        "seed": cfg.seed,
-        "max-seconds": cfg.ceiling_max_seconds,
-        "batch-sizes": ",".join(map(str, cfg.batch_sizes)),
-        "provider": cfg.provider,
-        "threads": cfg.threads or None,
-    }
-    argv = module_argv("bench.ceiling", flags)
-    # BERTSERVE_* settings reach the ceiling too: it reads the thread settings the service would use.
-    subprocess.run(argv, cwd=ROOT, env=child_env(cfg.service_env), check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
-
-
-def run_loadgen(
-    url: str, concurrency: int, inputs_per_request: int, texts_file: Path, cfg: Config, work: Path
-) -> dict[str, Any]:
-    out = work / f"loadgen-{concurrency}-{inputs_per_request}.json"
-    flags = {
-        "url": url,
-        "concurrency": concurrency,
-        "inputs-per-request": inputs_per_request,
-        "texts": texts_file,
-        "duration": cfg.duration,
-        "warmup": cfg.warmup,
-        "timeout": cfg.request_timeout,
-        "json": out,
-    }
-    argv = module_argv("bench.loadgen", flags)
-    limit = cfg.warmup + cfg.duration + cfg.request_timeout + 60
-    subprocess.run(argv, cwd=ROOT, env=child_env(), check=True, stdout=subprocess.DEVNULL, timeout=limit)
-    return json.loads(out.read_text())
-
-
-def scrape_batch_metrics(base_url: str) -> dict[str, float] | None:
-    """Sums of bertserve_batch_size and bertserve_batch_tokens histograms (all label sets), if exposed."""
-    status, body = http_get(base_url + "/metrics")
-    if status != 200:
-        return None
-    wanted = ("bertserve_batch_size_sum", "bertserve_batch_size_count", "bertserve_batch_tokens_sum")
-    totals = dict.fromkeys(wanted, 0.0)
-    for line in body.decode(errors="replace").splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            with contextlib.suppress(ValueError, IndexError):
-                totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
-
-
-def _batch_stats(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
-    if not before or not after:
-        return None
-    batches = after["bertserve_batch_size_count"] - before["bertserve_batch_size_count"]
-    if batches <= 0:
-        return None
-    return {
-        "batches": batches,
-        "mean_batch_size": (after["bertserve_batch_size_sum"] - before["bertserve_batch_size_sum"]) / batches,
-        "mean_batch_tokens": (after["bertserve_batch_tokens_sum"] - before["bertserve_batch_tokens_sum"]) / batches,
-    }
-
-
-def measure_server(server: Server, texts_file: Path, cfg: Config, work: Path) -> dict[str, Any]:
-    """Start the server, drive it at every concurrency (and the multi-input mode), always stop it."""
-    runs: list[dict[str, Any]] = []
-    plan = [(c, 1) for c in cfg.concurrencies] + [(cfg.multi_concurrency, cfg.multi_inputs)]
-    info: Any = None
-    try:
-        with running(server, cfg.ready_timeout):
-            status, body = http_get(server.base_url + "/v1/models")
-            if status == 200:
-                with contextlib.suppress(ValueError):
-                    info = json.loads(body)
-            for concurrency, per_request in plan:
-                server.wait_idle()
-                before_cpu, before_metrics = server.cpu_seconds(), scrape_batch_metrics(server.base_url)
-                result = run_loadgen(server.base_url, concurrency, per_request, texts_file, cfg, work)
-                after_cpu, after_metrics = server.cpu_seconds(), scrape_batch_metrics(server.base_url)
-                if before_cpu is not None and after_cpu is not None:
-                    result["server_cpu_s"] = after_cpu - before_cpu  # warm-up and drain included
-                    # per input sent (warm-up included, like the CPU seconds): comparable across modes
-                    sent = (result["issued"] or 1) * per_request
-                    result["server_cpu_us_per_input"] = 1e6 * (after_cpu - before_cpu) / sent
-                result["server_batches"] = _batch_stats(before_metrics, after_metrics)
-                result["warnings"] = _run_warnings(result, cfg)
-                runs.append(result)
-                _log(f"  {server.name:<9s} {row_text(result)}")
-                for warning in result["warnings"]:
-                    _log(f"  warning: {warning}")
-                if server.proc is not None and server.proc.poll() is not None:
-                    raise ServerError(f"{server.name} died during c={concurrency}:\n{server.log_tail()}")
-    except (ServerError, subprocess.SubprocessError, OSError, ValueError) as exc:
-        _log(f"  {server.name}: FAILED: {exc}")
-        return {"runs": runs, "error": str(exc), "info": info}
-    return {"runs": runs, "error": None, "info": info}
-
-
-def _run_warnings(result: dict[str, Any], cfg: Config) -> list[str]:
-    """Signs that a point measured a transient rather than a steady state."""
-    warnings = []
-    lat = result.get("latency_ms")
-    if not result["ok"]:
-        warnings.append("no successful response completed inside the window: raise --duration/--warmup")
-    elif lat and lat["p99"] > 1e3 * cfg.duration / 4:
-        warnings.append(
-            f"p99 {lat['p99']:.0f} ms is over a quarter of the {cfg.duration:g} s window: too few round trips "
-            "per client for stable percentiles; raise --duration"
-        )
-    if lat and lat["max"] > 1e3 * cfg.warmup:
-        warnings.append(f"max latency {lat['max']:.0f} ms exceeds the {cfg.warmup:g} s warm-up: raise --warmup")
-    return warnings
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# -- orchestration -------------------------------------------------------------------------------------
 @dataclass
 class Config:
+    """The command line, field for field (see :func:`build_parser`)."""
+
     model_dir: Path
-    variants: list[str]
-    concurrencies: list[int]
+    variant: list[str]
+    concurrency: list[int]
     multi_concurrency: int
-    multi_inputs: int
+    inputs_per_request: int
     duration: float
     warmup: float
     n_texts: int
@@ -198,230 +54,199 @@ class Config:
     ceiling_max_seconds: float
     threads: int
     provider: str
+    only: list[str]
     ready_timeout: float
     request_timeout: float
-    service_env: dict[str, str]
-    targets: list[str]
-    out_dir: Path
-    name: str | None
-    naive_endpoint: str = "sync"
+    json: Path | None
+    quick: bool
+    baseline_root: Path | None = None
+    baseline_set: list[str] = field(default_factory=list)
+    set: list[str] = field(default_factory=list)
+    service_env: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if set(self.only) - {"ceiling", *SERVERS}:
+            raise SystemExit(f"--only: unknown {sorted(set(self.only) - {'ceiling', *SERVERS})}")
+        if self.quick:
+            self.duration, self.warmup, self.n_texts = min(self.duration, 1.0), min(self.warmup, 0.5), 64
+            self.concurrency, self.multi_concurrency, self.batch_sizes = [1, 8], 4, [1, 8]
+            self.ceiling_max_seconds = min(self.ceiling_max_seconds, 1.0)
+        self.model_dir = self.model_dir.resolve()
+        self.baseline_root = self.baseline_root.resolve() if self.baseline_root else None
+        self.only += ["baseline"] * (self.baseline_root is not None)
+        self.service_env = procs.settings_env(self.set)
 
 
-def _loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
+def run_ceiling(cfg: Config, variant: str, texts_file: Path, work: Path) -> dict[str, Any]:
+    """``python -m bench.ceiling`` in a subprocess; the summary part of its report."""
+    out = work / f"ceiling-{variant}.json"
+    argv = [sys.executable, "-m", "bench.ceiling", "--model-dir", str(cfg.model_dir), "--variant", variant]
+    argv += ["--texts", str(texts_file), "--json", str(out), "--seed", str(cfg.seed), "--provider", cfg.provider]
+    argv += ["--max-seconds", str(cfg.ceiling_max_seconds), "--batch-sizes", ",".join(map(str, cfg.batch_sizes))]
+    argv += ["--threads", str(cfg.threads)]
+    # BERTSERVE_* settings reach the ceiling too: it reads the thread settings the service would use.
+    subprocess.run(argv, cwd=ROOT, env=procs.child_env(cfg.service_env), check=True, stdout=subprocess.DEVNULL)
+    report = json.loads(out.read_text())
+    return {k: report[k] for k in ("layouts", "best", "best_pretokenized", "batch1")}
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return None
-    return out.stdout.strip() or None
+def batch_totals(base_url: str) -> tuple[float, float]:
+    """(sum, count) of the bertserve_batch_size histogram over every label set; zeros without /metrics."""
+    samples = procs.metric_samples(base_url)
+    total, count = (sum(s.value for s in samples if s.name == f"bertserve_batch_size_{k}") for k in ("sum", "count"))
+    return total, count
 
 
-def run_comparison(cfg: Config) -> tuple[dict[str, Any], Path, Path]:
-    """Run everything in ``cfg``; returns the report and the JSON and PNG paths written."""
-    from bench.ceiling import cpu_peak
+def make_server(target: str, variant: str, cfg: Config, work: Path) -> Server:
+    port = procs.free_port()
+    log = work / f"{target}-{variant}.log"
+    if target == "naive":
+        argv = [sys.executable, "-m", "bench.naive_server", "--model-dir", str(cfg.model_dir), "--port", str(port)]
+        argv += ["--variant", variant, "--provider", cfg.provider]
+        argv += ["--threads", str(cfg.threads)]
+        return Server("naive", argv, port, log, cfg.service_env)  # the same thread settings
+    env = {"BERTSERVE_PROVIDER": cfg.provider, "BERTSERVE_VARIANT": variant}
+    env |= {"BERTSERVE_INTRA_OP_THREADS": str(cfg.threads)} if cfg.threads else {}
+    env |= cfg.service_env
+    argv = procs.service_argv(port, "--model-dir", str(cfg.model_dir), "--grpc-port", "0")
+    if target == "baseline" and cfg.baseline_root:
+        return Server(target, argv, port, log, env | procs.settings_env(cfg.baseline_set), root=cfg.baseline_root)
+    return Server(target, argv, port, log, env)
 
+
+def measure_server(server: Server, bodies: dict[int, Path], cfg: Config) -> list[dict[str, Any]]:
+    """Start the server, warm and measure it at every point, always stop it."""
+    plan = [(c, 1) for c in cfg.concurrency] + [(cfg.multi_concurrency, cfg.inputs_per_request)]
+    points = []
+    with procs.running(server, cfg.ready_timeout):
+        for c, n in plan:
+            if cfg.warmup > 0:
+                load.run_wrk(server.base_url + "/v1/predict", bodies[n], c, cfg.warmup, cfg.request_timeout)
+            before = batch_totals(server.base_url)
+            point = load.measure(server, "/v1/predict", bodies[n], n, c, cfg.duration, cfg.request_timeout)
+            after = batch_totals(server.base_url)
+            batches = after[1] - before[1]
+            point["mean_batch_size"] = round((after[0] - before[0]) / batches, 2) if batches else None
+            points.append({"server": server.name, **point})
+            lat = point["latency_ms"]
+            procs.log(
+                f"  {server.name} c={c} x{n}: {point['inputs_per_s']} inputs/s, p50 {lat['p50']} ms, p99 {lat['p99']}"
+            )
+            if not server.alive():
+                raise ServerError(f"{server.name} died during c={c}:\n{server.log_tail()}")
+    return points
+
+
+def add_ratios(block: dict[str, Any]) -> None:
+    """Each point's throughput over the ceiling's best; for bertserve, its p99 over the naive server's and its
+    throughput over the baseline's at the same point."""
+    best = block["ceiling"]["best"]["sequences_per_s"] if block["ceiling"] else None
+    by = {(p["server"], p["concurrency"], p["inputs_per_request"]): p for p in block["points"]}
+    for p in block["points"]:
+        p["vs_ceiling"] = round(p["inputs_per_s"] / best, 4) if best else None
+        naive, base = (by.get((s, p["concurrency"], p["inputs_per_request"])) for s in ("naive", "baseline"))
+        ours = p["server"] == "bertserve"
+        p["p99_vs_naive"] = round(p["latency_ms"]["p99"] / naive["latency_ms"]["p99"], 4) if ours and naive else None
+        p["vs_baseline"] = round(p["inputs_per_s"] / base["inputs_per_s"], 4) if ours and base else None
+
+
+def run_comparison(cfg: Config) -> dict[str, Any]:
+    """Run everything in ``cfg``; returns the summary."""
     bundle = load_bundle(cfg.model_dir)
-    manifest = bundle.manifest
-    started = datetime.now(UTC)
-    name = cfg.name or f"{manifest.name}-{'-'.join(cfg.variants)}-{started.strftime('%Y%m%dT%H%M%SZ')}"
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
     texts = make_texts(cfg.n_texts, cfg.seed)
-    tokens = length_summary(token_lengths(texts, bundle.tokenizer_path))
-    loadavg = _loadavg()
-    if float(loadavg.split()[0] if loadavg != "unknown" else 0) > 0.5:
-        _log(f"warning: load average {loadavg}: the machine is not quiet, numbers will be noisy")
-    service_env = {k: v for k, v in os.environ.items() if k.startswith("BERTSERVE_")} | cfg.service_env
-    report: dict[str, Any] = {
-        "meta": {
-            "name": name,
-            "started": started.isoformat(timespec="seconds"),
-            "model_dir": str(bundle.path),
-            "model": manifest.name,
-            "version": manifest.version,
+    if os.getloadavg()[0] > 0.5:
+        procs.log(f"warning: load average {os.getloadavg()[0]:.2f}: the machine is not quiet, numbers will be noisy")
+    summary: dict[str, Any] = {
+        "tool": "bench.run",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": procs.git_commit(),
+        "host": procs.host_info(),
+        "config": {
+            "model": bundle.manifest.name,
+            "version": bundle.manifest.version,
             "provider": cfg.provider,
-            "variants": cfg.variants,
-            "concurrencies": cfg.concurrencies,
-            "multi": {"concurrency": cfg.multi_concurrency, "inputs_per_request": cfg.multi_inputs},
+            "concurrency": cfg.concurrency,
+            "multi": {"concurrency": cfg.multi_concurrency, "inputs_per_request": cfg.inputs_per_request},
             "duration_s": cfg.duration,
             "warmup_s": cfg.warmup,
             "threads": cfg.threads or None,
-            "service_env": service_env,
-            "naive_endpoint": cfg.naive_endpoint,
-            "cpu": cpu_peak(),
-            "loadavg_start": loadavg,
-            "python": platform.python_version(),
-            "onnxruntime": _version("onnxruntime"),
-            "git_commit": _git_commit(),
-            "argv": sys.argv,
+            "service_env": {k: v for k, v in os.environ.items() if k.startswith("BERTSERVE_")} | cfg.service_env,
+            "baseline": {
+                "root": cfg.baseline_root.name,
+                "commit": procs.git_commit(cfg.baseline_root),
+                "set": cfg.baseline_set,
+            }
+            if cfg.baseline_root
+            else None,
         },
-        "workload": {"n": cfg.n_texts, "seed": cfg.seed, "tokens": tokens},
+        "workload": {
+            "n": len(texts),
+            "seed": cfg.seed,
+            "tokens": length_summary(token_lengths(texts, bundle.tokenizer_path)),
+        },
         "variants": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        texts_file = work / "texts.json"
-        save_texts(texts_file, texts)
-        for variant in cfg.variants:
-            block: dict[str, Any] = {"ceiling": None, "servers": {}, "ratios": None, "error": None}
-            report["variants"][variant] = block
-            _log(f"== {variant}: in-process ceiling")
-            if "ceiling" in cfg.targets:
-                try:
-                    block["ceiling"] = run_ceiling(cfg.model_dir, variant, texts_file, cfg, work)
-                except (subprocess.SubprocessError, OSError, ValueError) as exc:
-                    block["error"] = f"ceiling failed: {exc}"
-                    _log(block["error"])
-            for target in ("naive", "bertserve"):
-                if target not in cfg.targets:
-                    continue
-                server = _make_server(target, variant, cfg, work)
-                _log(f"== {variant}: {target} on port {server.port}")
-                block["servers"][target] = measure_server(server, texts_file, cfg, work)
-            if block["ceiling"]:
-                block["ratios"] = compute_ratios(block["ceiling"], block["servers"])
-    report["cross_variant"] = cross_variant(
-        report, {v: dict(info.metrics) for v, info in manifest.variants.items() if v in cfg.variants}
-    )
-    report["meta"]["loadavg_end"] = _loadavg()
-    report["meta"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-    json_path = cfg.out_dir / f"{name}.json"
-    png_path = cfg.out_dir / f"{name}.png"
-    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot(report, png_path)
-    return report, json_path, png_path
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in (package, f"{package}-gpu"):
-        with contextlib.suppress(PackageNotFoundError):
-            return version(name)
-    return None
-
-
-def _make_server(target: str, variant: str, cfg: Config, work: Path) -> Server:
-    port = free_port()
-    log = work / f"{target}-{variant}.log"
-    if target == "naive":
-        flags = {
-            "model-dir": cfg.model_dir,
-            "port": port,
-            "variant": variant,
-            "provider": cfg.provider,
-            "endpoint": cfg.naive_endpoint,
-            "threads": cfg.threads or None,
+        save_texts(work / "texts.json", texts)
+        bodies = {
+            n: load.write_bodies(work / f"bodies-{n}.jsonl", workload_bodies(texts, n))
+            for n in {1, cfg.inputs_per_request}
         }
-        argv = module_argv("bench.naive_server", flags)
-        return Server("naive", argv, port, log, dict(cfg.service_env))  # same thread settings
-    env = {"BERTSERVE_PROVIDER": cfg.provider, "BERTSERVE_VARIANT": variant}
-    if cfg.threads:
-        env["BERTSERVE_INTRA_OP_THREADS"] = str(cfg.threads)
-    env |= cfg.service_env
-    return Server("bertserve", service_argv(cfg.model_dir, port), port, log, env)
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _env_pairs(pairs: Sequence[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--set expects NAME=VALUE, got {pair!r}")
-        key = key.upper()
-        env[key if key.startswith("BERTSERVE_") else f"BERTSERVE_{key}"] = value
-    return env
+        for variant in cfg.variant:
+            block: dict[str, Any] = {"ceiling": None, "points": [], "errors": []}
+            summary["variants"][variant] = block
+            for target in ["ceiling", *SERVERS]:
+                if target not in cfg.only:
+                    continue
+                procs.log(f"== {variant}: {target}")
+                try:
+                    if target == "ceiling":
+                        block["ceiling"] = run_ceiling(cfg, variant, work / "texts.json", work)
+                    else:
+                        block["points"] += measure_server(make_server(target, variant, cfg, work), bodies, cfg)
+                except (ServerError, RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                    block["errors"].append(f"{target}: {exc}")
+                    procs.log(f"  {target} FAILED: {exc}")
+            add_ratios(block)
+    summary["host"] |= {"loadavg_after": procs.host_info()["loadavg"]}
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=Path("models/bbc"))
-    parser.add_argument("--variant", default="fp32", help="bundle variant(s), comma-separated: fp32,opt,int8")
-    parser.add_argument("--concurrency", type=_ints, default=[1, 8, 64, 256], help="comma-separated")
-    parser.add_argument("--multi-concurrency", type=int, default=8, help="concurrency of the multi-input mode")
-    parser.add_argument("--inputs-per-request", type=int, default=8, help="inputs per request, multi mode")
-    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per point")
-    parser.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per point")
-    parser.add_argument("--n-texts", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64], help="ceiling batches")
-    parser.add_argument("--ceiling-max-seconds", type=float, default=10.0, help="time cap per ceiling variant")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere; 0 = service default")
-    parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="bertserve setting, e.g. --set MAX_BATCH_SIZE=32 (BERTSERVE_ prefix optional)",
-    )
-    parser.add_argument("--only", default="ceiling,naive,bertserve", help="subset of ceiling,naive,bertserve")
-    parser.add_argument("--naive-endpoint", choices=["sync", "async"], default="sync")
-    parser.add_argument("--ready-timeout", type=float, default=300.0)
-    parser.add_argument("--request-timeout", type=float, default=60.0)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--name", help="output file stem (default: model-variants-UTC time)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: tiny durations, c=1,8, few texts")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    if args.quick:
-        args.duration, args.warmup, args.n_texts = min(args.duration, 1.0), min(args.warmup, 0.3), 64
-        args.concurrency, args.multi_concurrency, args.batch_sizes = [1, 8], 4, [1, 8]
-        args.ceiling_max_seconds = min(args.ceiling_max_seconds, 1.0)
-    targets = [t for t in args.only.split(",") if t]
-    unknown = set(targets) - {"ceiling", "naive", "bertserve"}
-    if unknown:
-        raise SystemExit(f"--only: unknown {sorted(unknown)}")
-    return Config(
-        model_dir=args.model_dir.resolve(),
-        variants=[v for v in args.variant.split(",") if v],
-        concurrencies=args.concurrency,
-        multi_concurrency=args.multi_concurrency,
-        multi_inputs=args.inputs_per_request,
-        duration=args.duration,
-        warmup=args.warmup,
-        n_texts=args.n_texts,
-        seed=args.seed,
-        batch_sizes=args.batch_sizes,
-        ceiling_max_seconds=args.ceiling_max_seconds,
-        threads=args.threads,
-        provider=args.provider,
-        ready_timeout=args.ready_timeout,
-        request_timeout=args.request_timeout,
-        service_env=_env_pairs(args.set),
-        targets=targets,
-        out_dir=args.out_dir,
-        name=args.name,
-        naive_endpoint=args.naive_endpoint,
-    )
-
-
-def _raise_on_sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # runs the finally blocks that stop the servers
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/bbc"))
+    p.add_argument("--variant", type=lambda s: s.split(","), default=["fp32"], help="e.g. fp32,opt,int8")
+    p.add_argument("--concurrency", type=ints, default=[1, 8, 64, 256], help="comma-separated")
+    p.add_argument("--multi-concurrency", type=int, default=8, help="concurrency of the multi-input point")
+    p.add_argument("--inputs-per-request", type=int, default=8, help="texts per request, multi-input point")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds per point (whole seconds)")
+    p.add_argument("--warmup", type=float, default=5.0, help="warm-up seconds per point")
+    p.add_argument("--n-texts", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-sizes", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="ceiling batch sizes")
+    p.add_argument("--ceiling-max-seconds", type=float, default=10.0, help="time cap per ceiling run")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads everywhere; 0 = service default")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a bertserve setting")
+    p.add_argument("--only", type=lambda s: s.split(","), default=["ceiling", "naive", "bertserve"])
+    p.add_argument("--baseline-root", type=Path, help="also measure bertserve from this tree (an A/B)")
+    p.add_argument("--baseline-set", action="append", default=[], metavar="NAME=VALUE", help="baseline setting")
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--json", type=Path, help="summary file (default: bench/results/run-UTC.json)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 s points, c=1,8, 64 texts")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(build_parser().parse_args(argv))
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    report, json_path, png_path = run_comparison(cfg)
-    print(format_report(report))
-    print(f"\nwrote {json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path} and {png_path.name}")
-    failed = any(
-        block.get("error") or any(s.get("error") for s in block["servers"].values())
-        for block in report["variants"].values()
-    )
-    return 1 if failed else 0
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    procs.raise_on_sigterm()
+    summary = run_comparison(cfg)
+    path = tables.write_summary(summary, cfg.json, "run")
+    print(tables.demo_table(summary))
+    print(f"\nsummary: {path}")
+    return 1 if any(block["errors"] for block in summary["variants"].values()) else 0
 
 
 if __name__ == "__main__":

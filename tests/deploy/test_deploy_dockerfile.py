@@ -158,7 +158,7 @@ def test_dockerignore_keeps_training_code_and_local_state_out() -> None:
     for path in (
         "training/finetune.py",
         "tests/conftest.py",
-        "bench/loadgen.py",
+        "bench/run.py",
         ".venv/bin/python",
         ".git/HEAD",
         "service/__pycache__/api.cpython-311.pyc",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import tables
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,7 +32,7 @@ def test_isolation_reports_solo_and_saturated_p99_for_the_neighbour(tiny_bundle:
     (run,) = json.loads(out.read_text())["runs"]
     assert run["concurrency"] == 4
     assert run["solo"]["p99_ms"] > 0 and run["saturated"]["p99_ms"] > 0
-    assert run["p99_ratio"] == pytest.approx(run["saturated"]["p99_ms"] / run["solo"]["p99_ms"])
+    assert run["p99_ratio"] == pytest.approx(run["saturated"]["p99_ms"] / run["solo"]["p99_ms"], rel=1e-2)
     assert run["alpha_requests_per_s"] > 0  # wrk really loaded alpha
-    assert all(count == 0 for count in run["alpha_errors"].values()), run["alpha_errors"]
-    assert "beta p99" in done.stdout
+    assert run["alpha_errors"] == 0
+    assert tables.isolation_table(json.loads(out.read_text())) in done.stdout

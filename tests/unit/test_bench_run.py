@@ -1,88 +1,41 @@
-"""``python -m bench.run --quick``: the whole comparison end to end on the tiny bundle, JSON and PNG written."""
+"""``python -m bench.run --quick``: the demo benchmark end to end on the tiny bundle: ceiling, naive server and
+bertserve driven by wrk with the workload's texts, the summary written and its table printed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench import tables
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_quick_run_writes_json_and_png(tiny_bundle: Path, tmp_path: Path) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.run",
-        "--model-dir",
-        str(tiny_bundle),
-        "--quick",
-        "--duration",
-        "0.5",
-        "--out-dir",
-        str(tmp_path),
-        "--name",
-        "quick",
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (Debian: apt-get install wrk)")
+def test_quick_run_writes_the_summary_and_prints_its_table(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    argv = [sys.executable, "-m", "bench.run", "--model-dir", str(tiny_bundle), "--quick", "--json", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "ceiling best" in done.stdout and "bertserve" in done.stdout
-    report = json.loads((tmp_path / "quick.json").read_text())
-    assert (tmp_path / "quick.png").stat().st_size > 10_000
-    block = report["variants"]["fp32"]
+    summary = json.loads(out.read_text())
+    assert tables.demo_table(summary) in done.stdout
+    block = summary["variants"]["fp32"]
+    assert block["errors"] == []
     ceiling = block["ceiling"]
     assert ceiling["best"]["sequences_per_s"] > 0 and ceiling["batch1"]["batch_size"] == 1
-    assert {r["order"] for r in ceiling["results"]} == {"arrival", "sorted"}
-    assert ceiling["model_dims"]["layers"] == 2
-    for name in ("naive", "bertserve"):
-        server = block["servers"][name]
-        assert server["error"] is None
-        runs = {(r["concurrency"], r["inputs_per_request"]) for r in server["runs"]}
-        assert runs == {(1, 1), (8, 1), (4, 8)}
-        assert all(r["ok"] > 0 and r["error_count"] == 0 for r in server["runs"])
-    ratios = block["ratios"]
-    assert ratios["ceiling_best_sequences_per_s"] == ceiling["best"]["sequences_per_s"]
-    assert len(ratios["targets"]) == 3
-
-
-@pytest.mark.slow
-def test_ceiling_only_run_without_batch_1_reports_and_compares(tiny_bundle: Path, tmp_path: Path) -> None:
-    """A run whose --batch-sizes leave out 1 has no batch-1 ceiling: the table, plot and compare still work."""
-    argv = [
-        sys.executable,
-        "-m",
-        "bench.run",
-        "--model-dir",
-        str(tiny_bundle),
-        "--only",
-        "ceiling",
-        "--batch-sizes",
-        "2,4",
-        "--n-texts",
-        "32",
-        "--ceiling-max-seconds",
-        "0.5",
-        "--out-dir",
-        str(tmp_path),
-        "--name",
-        "nob1",
-    ]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "no batch-1 run" in done.stdout
-    ceiling = json.loads((tmp_path / "nob1.json").read_text())["variants"]["fp32"]["ceiling"]
-    assert ceiling["batch1"] is None and {r["batch_size"] for r in ceiling["results"]} == {2, 4}
-    assert (tmp_path / "nob1.png").stat().st_size > 10_000
-    compared = subprocess.run(
-        [sys.executable, "-m", "bench.compare", str(tmp_path / "nob1.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert compared.returncode == 0 and "ceiling best seq/s" in compared.stdout, compared.stderr[-2000:]
-    assert "batch-1" not in compared.stdout
+    points = {(p["server"], p["concurrency"], p["inputs_per_request"]): p for p in block["points"]}
+    assert set(points) == {(s, c, n) for s in ("naive", "bertserve") for c, n in ((1, 1), (8, 1), (4, 8))}
+    for p in points.values():
+        assert p["requests"] > 0 and p["errors"] == 0, p
+        assert p["vs_ceiling"] == pytest.approx(p["inputs_per_s"] / ceiling["best"]["sequences_per_s"], rel=1e-3)
+        assert p["server_cpu_ms"]["total"] > 0
+    assert points[("bertserve", 8, 1)]["mean_batch_size"] >= 1  # read from bertserve's /metrics
+    assert points[("naive", 8, 1)]["mean_batch_size"] is None  # the naive server has no /metrics
+    assert points[("bertserve", 8, 1)]["p99_vs_naive"] > 0
+    assert summary["workload"]["tokens"]["n"] == 64

@@ -32,7 +32,7 @@ def test_token_lengths_in_range_and_skewed(articles: list[workload.Article]) -> 
     assert summary["min"] >= 5 and summary["max"] <= 200
     assert summary["mean"] > summary["p50"]  # long right tail
     assert summary["p10"] < 16 and summary["p90"] > 100
-    assert sum(summary["histogram"].values()) == 1000
+    assert summary["n"] == 1000
 
 
 def test_corpus_is_complete_and_the_bad_utf8_file_is_decoded(articles: list[workload.Article]) -> None:
@@ -51,7 +51,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
         workload.load_texts(tmp_path / "bad.json")
 
 
-def test_percentile_interpolates() -> None:
-    assert workload.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert workload.percentile([7.0], 99) == 7.0
-    assert workload.percentile([0.0, 10.0], 100) == 10.0
+def test_bodies_carry_one_text_or_the_next_n() -> None:
+    texts = ["a", "b", "c"]
+    assert workload.workload_bodies(texts, 1) == [{"inputs": "a"}, {"inputs": "b"}, {"inputs": "c"}]
+    assert workload.workload_bodies(texts, 2)[2] == {"inputs": ["c", "a"]}

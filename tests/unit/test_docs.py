@@ -50,3 +50,18 @@ def test_relative_links_resolve() -> None:
             if "://" in target or target.startswith("mailto:"):
                 continue
             assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to missing {target}"
+
+
+def test_docs_and_bench_name_no_issues_and_no_scratch_paths() -> None:
+    """Docs describe the present: no issue numbers, no scratch or machine-local paths (in the docs, the benchmark
+    notes, and the benchmarks' code and comments)."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").rglob("*.md"))]
+    files += [*sorted((ROOT / "bench").rglob("*.py")), *sorted((ROOT / "bench").rglob("*.lua"))]
+    pattern = re.compile(r"\bissues? #?\d+|#\d{2,}\b|/tmp/|/work/|\.\./shared/", re.IGNORECASE)
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, "\n".join(found)
