@@ -10,8 +10,7 @@ other route and the OpenAPI document. gRPC (its own transport) shares the counti
 
 Request bodies are declared once, as msgspec Structs (hot routes) or pydantic models (FastAPI's cold routes):
 the declaration validates and is what the OpenAPI document shows. orjson parses (its messages for malformed
-JSON), msgspec converts and validates, cheaper per request than hand-written isinstance checks
-(docs/FRONTEND_BENCH.md).
+JSON), msgspec converts and validates in C, cheaper per request than the same checks written by hand.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ uvicorn writes a response's status line and headers when the app sends ``http.re
 with ``http.response.body``: two ``write`` system calls and two TCP segments for every small response. Here the
 writes made in one event-loop step are held and leave joined, in a ``call_soon`` callback after the callbacks
 already queued. ``close`` flushes first, so ``Connection: close`` replies are never lost; everything else goes to
-the real transport. Measured against the two-write path in docs/FRONTEND_BENCH.md.
+the real transport.
 """
 
 from __future__ import annotations
