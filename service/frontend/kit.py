@@ -8,8 +8,8 @@ and the reply. Profiling showed the framework (routing, dependency injection, py
 several times a request's own work at thousands of requests/s, so these routes bypass it; FastAPI serves every
 other route and the OpenAPI document. gRPC (its own transport) shares the counting through :meth:`Kit.track`.
 
-Request bodies are declared once, as msgspec Structs (hot routes) or pydantic models (FastAPI's cold routes):
-the declaration validates and is what the OpenAPI document shows. orjson parses (its messages for malformed
+Request bodies are declared once, as msgspec Structs (hot and cold routes alike): the declaration validates and
+is what the OpenAPI document shows. orjson parses (its messages for malformed
 JSON), msgspec converts and validates in C, cheaper per request than the same checks written by hand.
 """
 
