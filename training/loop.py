@@ -56,7 +56,7 @@ class Run:
     resume: bool = False
     progress: bool = True
     on_step: Callable[[int, float, float], None] | None = None  # (step, loss, lr), rank 0 only
-    on_epoch: Callable[[EpochLog], None] | None = None  # rank 0 only
+    on_epoch: Callable[[EpochLog, int], None] | None = None  # (log, global step), rank 0 only
     say: Callable[[str], None] = print
 
 
@@ -312,7 +312,7 @@ def _end_epoch(
     state.history.append(asdict(log))
     if world.main:
         if run.on_epoch is not None:
-            run.on_epoch(log)
+            run.on_epoch(log, state.global_step)
         if run.progress:
             run.say(
                 f"epoch {log.epoch}: train loss {log.train_loss:.4f}, val loss {val.loss:.4f}, "

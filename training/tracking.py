@@ -118,8 +118,10 @@ class Tracker:
             for backend in self.backends:
                 backend.scalars({"train/loss": loss, "train/lr": lr}, step)
 
-    def epoch(self, log: EpochLog) -> None:
+    def epoch(self, log: EpochLog, step: int) -> None:
+        """One epoch's validation metrics, at the global step where the epoch ended (same axis as the loss)."""
         values = {
+            "train/epoch": float(log.epoch),
             "val/loss": log.val_loss,
             "val/accuracy": log.val_accuracy,
             "val/macro_f1": log.val_macro_f1,
@@ -129,7 +131,7 @@ class Tracker:
         if log.val_micro_f1 is not None:
             values["val/micro_f1"] = log.val_micro_f1
         for backend in self.backends:
-            backend.scalars(values, log.epoch)
+            backend.scalars(values, step)
 
     def final(self, metrics: Mapping[str, Mapping[str, float]], bundle: Path, step: int) -> None:
         """The bundle's test metrics per graph (``test/accuracy``, ``test/int8/accuracy``...) and its path."""
