@@ -1,4 +1,4 @@
-"""Data of any size for ``fit``: rows streamed into a memory-mapped Arrow cache, split by index, tokenized once.
+"""Data of any size for ``fit``: rows streamed into a memory-mapped Arrow cache and split by index.
 
 :func:`prepare` streams the validated rows of :mod:`training.readers` (or the BBC corpus) into ``rows.arrow``, an
 Arrow IPC stream of the texts written record batch by record batch, and keeps only a few integers per row in
@@ -6,10 +6,7 @@ memory: the label ids (a class id, or a compressed list of label ids for multi-l
 (file index and line, so errors still name file, row and line). The texts are read back through a memory map:
 resident pages are the operating system's cache, not the process's heap, so memory does not grow with the rows.
 
-:func:`tokenize` runs the service's own :class:`~service.modelio.Encoder` over ``rows.arrow`` with Hugging Face
-``datasets`` (``Dataset.from_file(...).map(batched=True, num_proc=N)``, the field's standard for cached, parallel
-preprocessing) into ``tokens-<key>/``; :class:`TokenTable` memory-maps the result and pads batches with
-:func:`service.modelio.pad_feeds`, exactly as the service pads.
+:mod:`training.tokens` then tokenizes ``rows.arrow`` once per tokenizer, next to it.
 
 Both live in a cache directory named by a hash of the sources (resolved path, size, modification time) and the
 column flags, so a second run on the same file reuses them. Each is built in a temporary sibling and renamed
@@ -23,12 +20,11 @@ import fcntl
 import hashlib
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +33,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from service.modelio import FEED_NAMES, Encoder, TokenSeq, pad_feeds
 from training.data import (
     BBC,
     BBC_COLUMNS,
@@ -58,7 +53,6 @@ from training.readers import Columns, Row, data_files, read_rows, where
 
 STORE_FORMAT = 1
 WRITE_BATCH_ROWS = 16384
-TOKENIZE_BATCH_ROWS = 1000
 DONE = "meta.json"  # written last inside the temporary directory: a cache directory without it is not used
 
 
@@ -113,7 +107,7 @@ class Prepared:
         self.directory = directory
         self.stats = stats
         self.meta: dict[str, Any] = json.loads((directory / DONE).read_text(encoding="utf-8"))
-        self.rows = _read_arrow(directory / "rows.arrow")
+        self.rows = read_arrow(directory / "rows.arrow")
         self.label_names: list[str] = self.meta["label_names"]
         self.strata = np.load(directory / "strata.npy", mmap_mode="r")
         self.multi_label: bool = self.meta["multi_label"]
@@ -204,10 +198,10 @@ def prepare(spec: str, columns: Columns, cache_dir: Path, progress: bool = True)
         columns = BBC_COLUMNS
     directory = Path(cache_dir).expanduser() / _source_key(kind, files, columns)
     started = time.perf_counter()
-    with _locked(directory):
+    with locked(directory):
         cached = (directory / DONE).is_file()
         if not cached:
-            with _building(directory) as tmp:
+            with building(directory) as tmp:
                 _write_rows(tmp, spec, kind, files, columns, progress)
     seconds = 0.0 if cached else time.perf_counter() - started
     prepared = Prepared(directory, PrepStats(rows=0, read_seconds=seconds, cached=cached))
@@ -228,7 +222,7 @@ def _source_key(kind: str, files: list[Path], columns: Columns) -> str:
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
     """An exclusive lock on ``directory``'s name: one builder, the rest wait (no time-out) and reuse its work."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f"{directory.name}.lock", "a+b") as handle:
@@ -240,7 +234,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _building(directory: Path) -> Iterator[Path]:
+def building(directory: Path) -> Iterator[Path]:
     """A temporary sibling of ``directory``, renamed to it when the body succeeds and removed otherwise."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -408,125 +402,7 @@ def _parquet_rows_total(files: list[Path]) -> int | None:
         return None  # the reader names the bad file
 
 
-def _read_arrow(path: Path) -> pa.Table:
+def read_arrow(path: Path) -> pa.Table:
     """An Arrow IPC stream file as a table whose buffers point into a memory map (zero copy)."""
     with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
         return reader.read_all()
-
-
-# --- tokenize: cache -> token ids ------------------------------------------------------------------------------
-
-
-class _Tokenize:
-    """The batched ``datasets.map`` function: texts -> token ids, segment start, length (service Encoder)."""
-
-    def __init__(self, encoder: Encoder, pairs: bool) -> None:
-        self.encoder = encoder
-        self.pairs = pairs
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        pairs = batch.column("text_pair").to_pylist() if self.pairs else None
-        seqs = self.encoder.encode(texts, pairs)
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int32, count=len(seqs))
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        values = np.concatenate([s.ids for s in seqs]).astype(np.int32)
-        return pa.table(
-            {
-                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-                "segment": pa.array([s.segment for s in seqs], pa.int32()),
-                "length": pa.array(lengths),
-            }
-        )
-
-
-def tokenize(
-    prepared: Prepared, encoder: Encoder, num_proc: int, progress: bool = True
-) -> tuple[TokenTable, PrepStats]:
-    """Token ids of every row, cached per tokenizer and max length next to the rows; memory-mapped back."""
-    import datasets
-
-    identity = json.dumps([encoder.tokenizer.to_str(), encoder.max_length, prepared.pairs])
-    key = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
-    directory = prepared.directory / f"tokens-{key}"
-    started, cpu = time.perf_counter(), _cpu_seconds()
-    with _locked(directory):
-        cached = (directory / DONE).is_file()
-        if not cached:
-            with _building(directory) as tmp:
-                if not progress:
-                    datasets.disable_progress_bars()
-                rows = datasets.Dataset.from_file(str(prepared.directory / "rows.arrow")).with_format("arrow")
-                rows.map(
-                    _Tokenize(encoder, prepared.pairs),
-                    batched=True,
-                    batch_size=TOKENIZE_BATCH_ROWS,
-                    num_proc=num_proc if num_proc > 1 else None,
-                    remove_columns=rows.column_names,
-                    cache_file_name=str(tmp / "tokens.arrow"),
-                    new_fingerprint=key,
-                    desc="tokenize",
-                )
-                shards = sorted(p.name for p in tmp.glob("tokens*.arrow"))
-                (tmp / DONE).write_text(json.dumps({"shards": shards, "n": len(prepared)}), encoding="utf-8")
-    stats = PrepStats(
-        rows=len(prepared),
-        read_seconds=prepared.stats.read_seconds,
-        tokenize_seconds=0.0 if cached else time.perf_counter() - started,
-        tokenize_cpu_seconds=0.0 if cached else _cpu_seconds() - cpu,
-        num_proc=num_proc,
-        cached=prepared.stats.cached,
-        tokens_cached=cached,
-    )
-    return TokenTable(directory, encoder.pad_id), stats
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the datasets.map workers)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class TokenTable:
-    """Every row's token ids, memory-mapped; :meth:`view` selects a split's rows for batching."""
-
-    def __init__(self, directory: Path, pad_id: int) -> None:
-        meta = json.loads((directory / DONE).read_text(encoding="utf-8"))
-        table = pa.concat_tables([_read_arrow(directory / name) for name in meta["shards"]])
-        self.pad_id = pad_id
-        self.lengths = table.column("length").to_numpy().astype(np.int32)
-        self.segments = table.column("segment").to_numpy().astype(np.int32)
-        chunks = table.column("input_ids").chunks
-        self._values = [chunk.values.to_numpy(zero_copy_only=True) for chunk in chunks]
-        self._offsets = [chunk.offsets.to_numpy(zero_copy_only=True) for chunk in chunks]
-        self._starts = np.cumsum([0] + [len(chunk) for chunk in chunks])
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def seq(self, row: int) -> TokenSeq:
-        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
-        local = row - int(self._starts[chunk])
-        offsets = self._offsets[chunk]
-        ids = self._values[chunk][offsets[local] : offsets[local + 1]].astype(np.int64)
-        return TokenSeq(ids, int(self.segments[row]))
-
-    def view(self, rows: np.ndarray) -> TokenView:
-        return TokenView(self, np.asarray(rows, dtype=np.int64))
-
-
-class TokenView:
-    """The rows of one split: ``len``, ``lengths`` and ``batch(indices)`` like :class:`training.encoding.Encoded`."""
-
-    def __init__(self, table: TokenTable, rows: np.ndarray) -> None:
-        self.table = table
-        self.rows = rows
-        self.lengths = table.lengths[rows].astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, indices: Sequence[int], names: Sequence[str] = FEED_NAMES) -> dict[str, np.ndarray]:
-        seqs = [self.table.seq(int(self.rows[i])) for i in indices]
-        return pad_feeds(seqs, self.table.pad_id, names)

@@ -27,7 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class TokenRows(Protocol):
     """Rows of token sequences that can be batched: :class:`Encoded` in memory, or a memory-mapped split
-    (:class:`training.datastore.TokenView`)."""
+    (:class:`training.tokens.TokenView`)."""
 
     def __len__(self) -> int: ...
 

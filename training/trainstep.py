@@ -19,11 +19,12 @@ import numpy as np
 
 from service.modelio import Encoder
 from training.data import SPLIT_NAMES
-from training.datastore import Prepared, PrepStats, SplitIndex, prepare, tokenize
+from training.datastore import Prepared, PrepStats, SplitIndex, prepare
 from training.encoding import Encoded, TokenRows, checkpoint_encoder, encode
 from training.errors import TrainingError
 from training.options import FitOptions, Request, default_cache_dir
 from training.readers import Columns
+from training.tokens import tokenize
 from training.world import World
 
 if TYPE_CHECKING:

@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from training.data import load_data, stratified_split
-from training.datastore import prepare, tokenize
+from training.datastore import prepare
 from training.encoding import checkpoint_encoder, encode
 from training.errors import DataError
 from training.readers import Columns
 from training.tiny import tiny_dataset, tiny_multilabel_dataset, write_rows, write_tiny_base_model
+from training.tokens import tokenize
 
 
 @pytest.fixture(scope="module")
