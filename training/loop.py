@@ -226,6 +226,9 @@ def _epochs(
 ) -> None:
     world = run.world
     while state.epoch <= config.epochs and state.global_step < total:
+        if config.patience is not None and state.bad_epochs >= config.patience:
+            result.stopped = "patience"  # decided before a checkpoint this run resumed from
+            return
         ddp.train()
         order = epoch_order(len(train_enc), config.seed, state.epoch)
         epoch_start = time.perf_counter()
@@ -258,15 +261,12 @@ def _epochs(
         bar.close()
         train_seconds = time.perf_counter() - epoch_start
         rows = state.seen - seen_before
-        stop = _end_epoch(
+        _end_epoch(
             model, state, result, checkpoints, run, val_enc, val_targets, labels, config, device, train_seconds, rows
         )
         state.train_seconds = time.perf_counter() - started
         if run.checkpoints is not None:
             _save(run.checkpoints, model, stepper, scheduler, state, config)
-        if stop:
-            result.stopped = "patience"
-            return
     if state.global_step >= total and config.max_steps and total < per_epoch * config.epochs:
         result.stopped = "max_steps"
 
@@ -284,8 +284,8 @@ def _end_epoch(
     device: torch.device,
     train_seconds: float,
     rows: int,
-) -> bool:
-    """Score the epoch on validation, keep it if best, log it, move to the next; True when patience ran out."""
+) -> None:
+    """Score the epoch on validation, keep it if best (on disk), log it, and move the state to the next epoch."""
     world = run.world
     val_start = time.perf_counter()
     val = evaluate_torch(model, val_enc, val_targets, labels, config.eval_batch_size, device, config.precision, world)
@@ -321,7 +321,6 @@ def _end_epoch(
                 + f"{log.examples_per_s:.1f} ex/s{' (best so far, kept)' if kept else ''}"
             )
     state.epoch, state.step_in_epoch, state.loss_sum, state.seen = state.epoch + 1, 0, 0.0, 0
-    return broadcast_flag(world, config.patience is not None and state.bad_epochs >= config.patience, device)
 
 
 def _save(

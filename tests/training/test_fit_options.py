@@ -69,10 +69,16 @@ def test_max_steps_and_patience_end_a_run_and_say_why(work: Path) -> None:
     assert manifest.training["steps"] == 5 and manifest.training["stopped"] == "max_steps"
     assert [h["steps"] for h in manifest.training["history"]] == [5]  # the partial epoch was scored
     # a learning rate too small to move the weights: no epoch beats the first, patience 1 stops after the second
-    fit(options(work, "patient", epochs=5, patience=1, lr=1e-12))
+    patient = options(work, "patient", epochs=5, patience=1, lr=1e-12, checkpoint_dir=work / "patient-ck")
+    fit(patient)
     manifest = load_bundle(work / "patient").manifest
     assert len(manifest.training["history"]) == 2 and manifest.training["stopped"] == "patience"
     assert manifest.training["best_epoch"] == 1
+    # resuming the finished run (a pod restarted during export) trains no further epoch
+    fit(options(work, "patient-again", epochs=5, patience=1, lr=1e-12, checkpoint_dir=work / "patient-ck", resume=True))
+    again = load_bundle(work / "patient-again").manifest
+    assert again.training["steps"] == manifest.training["steps"] and again.training["stopped"] == "patience"
+    assert again.training_run is not None and again.training_run.resumed_from_step == manifest.training["steps"]
 
 
 def test_gradient_accumulation_on_one_process_keeps_the_global_batch(work: Path) -> None:
