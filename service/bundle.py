@@ -15,7 +15,8 @@ A bundle directory holds::
 
 The task is in the manifest: ``problem_type`` (single_label: softmax + argmax; multi_label: sigmoid + a threshold
 per label), ``text_pair`` (the model reads ``[CLS] a [SEP] b [SEP]``), the calibration temperature, and the
-reference distributions of the test split that drift monitoring compares live traffic with. Every one of these
+reference distributions of the test split that drift monitoring compares live traffic with. ``training_run``
+records how the model was trained (processes, device, precision, global batch, tracker run ids). Every one of these
 fields is optional with the old behaviour as default, so bundles written before them load unchanged;
 :meth:`Manifest.head` turns them into the :class:`service.modelio.Head` that both sides score with.
 
@@ -120,6 +121,24 @@ class Reference(BaseModel):
         return self
 
 
+class TrainingRun(BaseModel):
+    """Where and at what scale the model was trained, and where the run is tracked (optional: older bundles
+    have none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    world_size: int = Field(default=1, ge=1, description="training processes (torchrun ranks)")
+    nodes: int = Field(default=1, ge=1, description="machines the processes ran on")
+    device_type: str = Field(default="cpu", description="cpu or cuda")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="training precision")
+    global_batch: int = Field(ge=1, description="rows per optimizer step, over all processes and accumulation")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step on each process")
+    resumed_from_step: int | None = Field(default=None, description="the checkpoint step a resumed run started at")
+    tracking: dict[str, str] = Field(
+        default_factory=dict, description="tracker -> run id (mlflow: the run id; tensorboard: the run directory)"
+    )
+
+
 _ABSOLUTE = re.compile(r"(?<![\w.])(?:/|[A-Za-z]:[\\/])[^\s'\"]*")
 
 
@@ -165,6 +184,7 @@ class Manifest(BaseModel):
     )
     calibration: Calibration | None = None
     reference: Reference | None = None
+    training_run: TrainingRun | None = None
 
     @field_validator("base_model")
     @classmethod

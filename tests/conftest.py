@@ -20,6 +20,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """fit's prepared-data cache goes to the session's temporary directory, not the user's ~/.cache."""
+    if "BERTSERVE_CACHE_DIR" not in os.environ:
+        os.environ["BERTSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("bertserve-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path to a verified bundle with variants fp32, opt and int8 (name "tiny", version "1")."""

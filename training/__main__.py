@@ -130,7 +130,11 @@ def _fraction(value: str) -> float:
 
 
 def _add_data_args(parser: argparse.ArgumentParser, text_default: str | None, label_default: str | None) -> None:
-    parser.add_argument("--data", required=True, help="'bbc' (BBC News, 5 topics, offline) or a .csv / .jsonl file")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="'bbc' (BBC News, 5 topics, offline), a .csv / .jsonl / .parquet file, or a directory of such shards",
+    )
     parser.add_argument("--text-column", default=text_default, help="column with the text (default: %(default)s)")
     parser.add_argument(
         "--text-pair-column", help="column with the second text of a sentence pair ([CLS] a [SEP] b [SEP])"
@@ -170,7 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=_positive_int, help="default: 1; 3 for pairs, 2 for multi-label (see 'Why the defaults')"
     )
     fit.add_argument("--max-length", type=_positive_int, default=256, help="tokens per text incl. [CLS]/[SEP]")
-    fit.add_argument("--batch-size", type=_positive_int, default=16, help="default: %(default)s")
+    fit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        help="the global batch: rows per optimizer step over all processes and --grad-accum steps (default: 16)",
+    )
+    fit.add_argument(
+        "--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step on each process"
+    )
+    fit.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    fit.add_argument(
+        "--patience", type=_positive_int, help="stop after this many epochs without a better validation score"
+    )
     fit.add_argument(
         "--lr", type=_positive_float, help="peak learning rate (default: 2e-4; 5e-5 for pairs, 2e-4 for multi-label)"
     )
@@ -189,6 +205,34 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--name", help="model name in the manifest (default: the output directory name)")
     fit.add_argument("--version", help="model version (default: UTC timestamp YYYYMMDD.HHMMSS)")
     fit.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    fit.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="training precision: bf16 autocast (CPU or GPU), fp16 autocast + loss scaling (CUDA only)",
+    )
+    fit.add_argument("--checkpoint-dir", type=Path, help="write checkpoints here (shared storage for several nodes)")
+    fit.add_argument(
+        "--checkpoint-every", type=_positive_int, help="optimizer steps between checkpoints (one follows every epoch)"
+    )
+    fit.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="newest checkpoints kept (default: 2)")
+    fit.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
+    fit.add_argument(
+        "--report-to",
+        nargs="+",
+        default=["none"],
+        metavar="{none,tensorboard,mlflow}",
+        help="experiment trackers (several allowed; default: none). MLflow honours MLFLOW_TRACKING_URI",
+    )
+    fit.add_argument("--logging-dir", type=Path, default=Path("runs"), help="TensorBoard event files (default: runs)")
+    fit.add_argument("--log-every", type=_positive_int, default=10, help="steps between tracked loss points")
+    fit.add_argument("--run-name", help="tracker run name (default: NAME-VERSION)")
+    fit.add_argument(
+        "--cache-dir", type=Path, help="prepared-data cache (default: $BERTSERVE_CACHE_DIR or ~/.cache/bertserve)"
+    )
+    fit.add_argument(
+        "--num-proc", type=_positive_int, default=1, help="processes tokenizing the data (datasets.map; default: 1)"
+    )
     fit.add_argument("--threads", type=_positive_int, help="CPU threads for torch and ONNX Runtime")
     fit.add_argument("--quiet", action="store_true", help="no progress bars or step-by-step messages")
 
@@ -231,6 +275,20 @@ def run_fit(args: argparse.Namespace) -> int:
         epochs=epochs,
         max_length=args.max_length,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        patience=args.patience,
+        precision=args.precision,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        report_to=tuple(args.report_to),
+        logging_dir=args.logging_dir,
+        log_every=args.log_every,
+        run_name=args.run_name,
+        cache_dir=args.cache_dir,
+        num_proc=args.num_proc,
         lr=lr,
         weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio,
@@ -247,6 +305,8 @@ def run_fit(args: argparse.Namespace) -> int:
         command=args.command_line,
     )
     result = fit(options)
+    if result is None:
+        return 0  # a torchrun worker: rank 0 writes the bundle and prints the report
     manifest = result.bundle.manifest
     print(f"\nbundle {result.bundle.path} ({manifest.name} {manifest.version}), {result.seconds:.0f} s total")
     print(variant_table(manifest))
@@ -357,10 +417,20 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; errors the user can fix are one line on stderr and exit status 2 (parity: 3)."""
+    """Entry point; errors the user can fix are one line on stderr and exit status 2 (parity: 3).
+
+    Under torchrun every process runs this; rank 0 prints the report, and other ranks' errors name their rank.
+    """
     from service.bundle import BundleError
+    from training.world import World
 
     args = build_parser().parse_args(argv)
+    try:
+        world = World.from_env()
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    who = "" if world.main else f" (rank {world.rank})"
     args.command_line = "python -m training " + " ".join(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
@@ -370,18 +440,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = run_fit(args) if args.command == "fit" else run_evaluate(args)
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{who}: {exc}", file=sys.stderr)
         return exc.exit_code
     except BundleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{who}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"error{who}: interrupted", file=sys.stderr)
         return 130
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    if args.command == "fit":
+    if args.command == "fit" and world.main:
         print(f"wall time {time.perf_counter() - started:.1f} s")
     return code
 

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -22,6 +23,18 @@ from service.modelio import FEED_NAMES, Encoder, TokenSeq, configure_tokenizer, 
 from training.errors import TrainingError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+class TokenRows(Protocol):
+    """Rows of token sequences that can be batched: :class:`Encoded` in memory, or a memory-mapped split
+    (:class:`training.tokens.TokenView`)."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def lengths(self) -> np.ndarray: ...
+
+    def batch(self, indices: Sequence[int], names: Sequence[str] = FEED_NAMES) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ def encode(encoder: Encoder, texts: Sequence[str], pairs: Sequence[str] | None =
     return Encoded(encoder.encode(texts, pairs), encoder.pad_id)
 
 
-def length_sorted_batches(encoded: Encoded, batch_size: int) -> Iterator[list[int]]:
+def length_sorted_batches(encoded: TokenRows, batch_size: int) -> Iterator[list[int]]:
     """Indices in batches of similar length (longest first): inference pads little and fails early on OOM."""
     order = np.argsort(-encoded.lengths, kind="stable")
     for start in range(0, len(order), batch_size):

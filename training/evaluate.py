@@ -21,14 +21,14 @@ from service.bundle import Calibration, load_bundle
 from service.modelio import Encoder, Head
 from training.calibrate import ECE_BINS, ece, top_correct
 from training.data import LabeledData, load_data, stratified_split
-from training.encoding import Encoded, encode
+from training.encoding import Encoded, TokenRows, encode
 from training.errors import DataError, TrainingError
 from training.metrics import MultiLabelReport, Report, classification_report, multilabel_report
 
 AnyReport = Report | MultiLabelReport
 
 
-def graph_logits(path: Path, encoded: Encoded, threads: int | None = None) -> np.ndarray:
+def graph_logits(path: Path, encoded: TokenRows, threads: int | None = None) -> np.ndarray:
     """Logits of the ONNX graph at ``path`` for every row of ``encoded``, on the CPU provider."""
     from training.export import cpu_session, onnx_logits
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from service.bundle import INPUT_NAMES, OUTPUT_NAMES, Parity
 from service.modelio import sigmoid, softmax
-from training.encoding import Encoded, length_sorted_batches
+from training.encoding import TokenRows, length_sorted_batches
 from training.errors import ParityError
 
 OPSET = 17
@@ -104,7 +104,7 @@ def cpu_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_logits(session: ort.InferenceSession, encoded: Encoded, batch_size: int = 32) -> np.ndarray:
+def onnx_logits(session: ort.InferenceSession, encoded: TokenRows, batch_size: int = 32) -> np.ndarray:
     """Logits for every row of ``encoded`` in original order, in length-sorted batches."""
     n_labels = session.get_outputs()[0].shape[-1]
     names = [i.name for i in session.get_inputs()]
@@ -154,7 +154,7 @@ def _margin(reference: np.ndarray, multi_label: bool) -> np.ndarray:
 def check_parity(
     model: nn.Module,
     onnx_path: Path,
-    encoded: Encoded,
+    encoded: TokenRows,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
     torch_cache: dict[tuple[int, int], np.ndarray] | None = None,
     threads: int | None = None,

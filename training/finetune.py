@@ -1,10 +1,13 @@
-"""Fine-tuning ``BertForSequenceClassification``: the training loop and PyTorch-side evaluation.
+"""Fine-tuning ``BertForSequenceClassification``: the model, the recipe's parts, precision, PyTorch-side evaluation.
 
 The recipe is the standard one for BERT fine-tuning (Devlin et al., appendix A.3), kept small and explicit:
 AdamW with decoupled weight decay (not on biases and LayerNorm), linear warm-up then linear decay to zero,
-gradient-norm clipping at 1.0, seeds fixed for Python, numpy and torch. The model is scored on the validation
-split after every epoch and the best epoch's weights (macro-F1, then lower loss) are kept in memory and
-restored at the end, so one bad last epoch cannot make the exported model worse than an earlier one.
+gradient-norm clipping at 1.0, seeds fixed for Python, numpy and torch. The loop that uses them, with the
+best-epoch selection, distribution and checkpoints, is :mod:`training.loop`.
+
+Precision: ``bf16`` runs the forward pass under ``torch.autocast`` in bfloat16 (CPU and CUDA; the weights, the
+optimizer and the exported graph stay float32); ``fp16`` does the same in float16 with a dynamic loss scale
+(``torch.amp.GradScaler``), which is a CUDA recipe: on a CPU it is refused.
 
 Training runs with PyTorch's fused scaled-dot-product attention (SDPA): measured on this CPU it made a MiniLM
 training step about 25% faster than the "eager" matmul + softmax attention. For export the same weights are
@@ -14,22 +17,22 @@ optimizer recognizes and fuses into its Attention operator; the two agree to ~1e
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from training.encoding import Encoded, length_sorted_batches
+from training.distributed import all_sum, gather_rows, shard
+from training.encoding import TokenRows
 from training.errors import TrainingError
 from training.metrics import classification_report, multilabel_report
+from training.world import World
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whatever a config file says
 
@@ -39,10 +42,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub, whateve
 HFModel = Any
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    """The recipe: the same values give the same optimizer steps at any world size."""
+
     epochs: int = 1
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: rows per optimizer step over all processes and accumulation steps
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -50,6 +59,10 @@ class TrainConfig:
     seed: int = 42
     eval_batch_size: int = 64
     freeze_layers: int = -1  # embeddings + this many bottom encoder layers stay frozen; -1 trains everything
+    grad_accum: int = 1  # micro-batches per optimizer step on each process
+    max_steps: int | None = None  # stop after this many optimizer steps
+    patience: int | None = None  # stop after this many epochs without a better validation score
+    precision: Precision = "fp32"
 
 
 @dataclass
@@ -62,6 +75,8 @@ class EpochLog:
     seconds: float
     examples_per_s: float
     val_micro_f1: float | None = None  # multi-label only
+    val_rows: int = 0  # rows scored over all processes: the validation split's size, never more
+    steps: int = 0  # optimizer steps in this epoch (fewer than a full epoch when --max-steps stopped it)
 
 
 @dataclass
@@ -70,6 +85,9 @@ class TrainResult:
     history: list[EpochLog] = field(default_factory=list)
     train_seconds: float = 0.0
     steps: int = 0
+    stopped: str | None = None  # "max_steps" or "patience" when the run ended before its last epoch
+    resumed_from: int | None = None  # the checkpoint step a resumed run started from
+    resumed_exact: bool | None = None  # whether that resume continues bit for bit (same world size)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,6 +103,27 @@ def pick_device(requested: str | None = None) -> torch.device:
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"--device {requested}: CUDA is not available on this machine")
     return torch.device(requested)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 trains only on CUDA (loss scaling is a GPU recipe); bf16 needs a GPU that has it, or a CPU."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError(
+            f"--precision fp16 needs a CUDA device (float16 training with loss scaling); this run is on {device}: "
+            "use --precision bf16 on a CPU, or fp32"
+        )
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support")
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """The forward pass's precision: float32 as is, or bfloat16 / float16 autocast on the run's device."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_model(model_dir: Path, labels: list[str], multi_label: bool = False) -> HFModel:
@@ -119,7 +158,7 @@ def use_eager_attention(model: HFModel) -> HFModel:
     return model
 
 
-def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(value).to(device) for name, value in batch.items()}
 
 
@@ -142,7 +181,7 @@ def freeze_bottom(model: HFModel, layers: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _optimizer(model: HFModel, config: TrainConfig) -> torch.optim.Optimizer:
+def optimizer_for(model: HFModel, config: TrainConfig) -> torch.optim.Optimizer:
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -165,14 +204,32 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
 
 
 @torch.no_grad()
-def predict_logits(model: HFModel, encoded: Encoded, batch_size: int, device: torch.device) -> np.ndarray:
-    """Logits for every row of ``encoded`` in its original order (batches are length-sorted internally)."""
+def predict_logits(
+    model: HFModel,
+    encoded: TokenRows,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    world: World | None = None,
+) -> np.ndarray:
+    """Logits for every row of ``encoded`` in its original order (batches are length-sorted internally).
+
+    Under torchrun each process scores a disjoint share of the rows and the shares are gathered, so every process
+    gets the same full array and no row is counted twice. ``model`` must be the plain model, not the DDP wrapper:
+    the processes run different numbers of batches here, and a wrapped forward would wait for the others.
+    """
+    world = world or World()
     model.eval()
-    out = np.zeros((len(encoded), model.config.num_labels), dtype=np.float32)
-    for indices in length_sorted_batches(encoded, batch_size):
-        logits = model(**_to_device(encoded.batch(indices), device)).logits
-        out[indices] = logits.float().cpu().numpy()
-    return out
+    rows = shard(encoded.lengths, world) if world.distributed else np.arange(len(encoded))
+    out = np.zeros((len(rows), model.config.num_labels), dtype=np.float32)
+    lengths = encoded.lengths[rows]
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        local = order[start : start + batch_size]
+        with autocast(device, precision):
+            logits = model(**to_device(encoded.batch(rows[local].tolist()), device)).logits
+        out[local] = logits.float().cpu().numpy()
+    return gather_rows(world, out, len(encoded), encoded.lengths, device)
 
 
 @dataclass(frozen=True)
@@ -183,6 +240,7 @@ class ValScore:
     accuracy: float  # multi-label: subset accuracy at threshold 0.5
     macro_f1: float
     micro_f1: float | None  # multi-label only
+    rows: int = 0  # rows scored, over all processes
 
     @property
     def key(self) -> tuple[float, float]:
@@ -190,109 +248,30 @@ class ValScore:
 
 
 def evaluate_torch(
-    model: HFModel, encoded: Encoded, targets: np.ndarray, labels: list[str], batch_size: int, device: torch.device
+    model: HFModel,
+    encoded: TokenRows,
+    targets: np.ndarray,
+    labels: list[str],
+    batch_size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    world: World | None = None,
 ) -> ValScore:
     """Metrics and mean loss (cross-entropy, or binary cross-entropy for [n, labels] targets) on one split.
 
     Multi-label decisions here use 0.5: the per-label thresholds are chosen later, on the exported graph.
+    Under torchrun every process returns the same score, computed from all rows exactly once.
     """
-    logits = torch.from_numpy(predict_logits(model, encoded, batch_size, device))
+    world = world or World()
+    logits = torch.from_numpy(predict_logits(model, encoded, batch_size, device, precision, world))
+    rows = int(all_sum(world, [len(shard(encoded.lengths, world)) if world.distributed else len(encoded)], device)[0])
     if targets.ndim == 2:
         loss = float(nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(targets)))
         ml = multilabel_report(targets, (logits >= 0).numpy(), labels)
-        return ValScore(loss, ml.subset_accuracy, ml.macro_f1, ml.micro_f1)
+        return ValScore(loss, ml.subset_accuracy, ml.macro_f1, ml.micro_f1, rows)
     loss = float(nn.functional.cross_entropy(logits, torch.from_numpy(targets)))
     report = classification_report(targets, logits.numpy().argmax(axis=1), labels)
-    return ValScore(loss, report.accuracy, report.macro_f1, None)
-
-
-def train(
-    model: HFModel,
-    train_enc: Encoded,
-    train_targets: np.ndarray,
-    val_enc: Encoded,
-    val_targets: np.ndarray,
-    labels: list[str],
-    config: TrainConfig,
-    device: torch.device,
-    progress: bool = True,
-) -> TrainResult:
-    """Fine-tune ``model`` in place; on return it holds the weights of the best validation epoch.
-
-    Targets are int64 class ids, or a float32 [n, labels] 0/1 matrix for a multi-label model.
-    """
-    seed_everything(config.seed)
-    model.to(device)
-    freeze_bottom(model, config.freeze_layers)
-    steps_per_epoch = math.ceil(len(train_enc) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    optimizer = _optimizer(model, config)
-    scheduler = linear_warmup_decay(optimizer, round(total * config.warmup_ratio), total)
-    generator = torch.Generator().manual_seed(config.seed)
-    targets = torch.from_numpy(train_targets)
-    result = TrainResult(best_epoch=0)
-    best_key: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    started = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train_enc), generator=generator).tolist()
-        epoch_start = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="step",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        for step in bar:
-            indices = order[step * config.batch_size : (step + 1) * config.batch_size]
-            batch = _to_device(train_enc.batch(indices), device)
-            out = model(**batch, labels=targets[indices].to(device))
-            out.loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += out.loss.detach().item() * len(indices)
-            seen += len(indices)
-            result.steps += 1
-            rate = seen / max(1e-9, time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_s=f"{rate:.1f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
-        train_seconds = time.perf_counter() - epoch_start
-        val = evaluate_torch(model, val_enc, val_targets, labels, config.eval_batch_size, device)
-        val_loss = val.loss
-        log = EpochLog(
-            epoch=epoch,
-            train_loss=loss_sum / max(1, seen),
-            val_loss=val_loss,
-            val_accuracy=val.accuracy,
-            val_macro_f1=val.macro_f1,
-            val_micro_f1=val.micro_f1,
-            seconds=time.perf_counter() - epoch_start,
-            examples_per_s=seen / max(1e-9, train_seconds),
-        )
-        result.history.append(log)
-        key = val.key
-        kept = best_key is None or key > best_key
-        if kept:
-            best_key, result.best_epoch = key, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if progress:
-            print(
-                f"epoch {epoch}: train loss {log.train_loss:.4f}, val loss {val_loss:.4f}, "
-                f"val acc {val.accuracy:.4f}, val macro-F1 {val.macro_f1:.4f}, "
-                + (f"val micro-F1 {val.micro_f1:.4f}, " if val.micro_f1 is not None else "")
-                + f"{log.examples_per_s:.1f} ex/s{' (best so far, kept)' if kept else ''}",
-                flush=True,
-            )
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    result.train_seconds = time.perf_counter() - started
-    return result
+    return ValScore(loss, report.accuracy, report.macro_f1, None, rows)
 
 
 def history_dicts(result: TrainResult) -> list[dict[str, Any]]:

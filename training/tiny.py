@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from training.encoding import TOKENIZER_FILES
+from training.errors import TrainingError
 from training.pipeline import FitOptions, FitResult, default_base_model, fit
 
 TINY_LABELS = ("negative", "neutral", "positive")
@@ -320,8 +321,12 @@ def build_tiny_fit(
         "threads": 1,  # a 1M-parameter model gains nothing from threads and loses a lot on a busy CPU
         "progress": progress,
         "extra_dataset_info": {"generated_by": "training.tiny"},
+        "cache_dir": base_dir.parent / "cache",  # next to the base checkpoint: gone with the temporary directory
     }
-    return fit(FitOptions(**(values | overrides)))
+    result = fit(FitOptions(**(values | overrides)))
+    if result is None:  # only under torchrun, on a rank other than 0
+        raise TrainingError("build_tiny_fit: this process is not rank 0 and wrote no bundle")
+    return result
 
 
 _BUILDERS: dict[str, Callable[..., Path]] = {
