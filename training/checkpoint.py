@@ -84,6 +84,14 @@ def _save(obj: Any, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed aside first (atomic), so a kill never leaves half of one in place."""
+    gone = path.with_name(f".{path.name}.gone")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -161,7 +169,8 @@ class Checkpoints:
             with (tmp / META).open("rb") as handle:
                 os.fsync(handle.fileno())
             _fsync_dir(tmp)
-            shutil.rmtree(final, ignore_errors=True)  # the same step written by an earlier, resumed attempt
+            if final.exists():  # the same step written by an earlier attempt, before a resume
+                _remove(final)
             os.replace(tmp, final)
             _fsync_dir(self.directory)
             self._prune(state)
@@ -193,7 +202,7 @@ class Checkpoints:
     def _prune(self, state: LoopState) -> None:
         steps = self._steps()
         for old in steps[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         referenced = {state.best_file} | {
             json.loads((p / META).read_text(encoding="utf-8")).get("best_file") for p in steps[-self.keep :]
         }
@@ -248,10 +257,10 @@ class Checkpoints:
         return Resumed(path, state, int(meta["world_size"]), exact)
 
     def _clean_temporaries(self) -> None:
-        """Half-written checkpoints of a killed run (``.step-*.tmp``); rank 0 removes them once resumed."""
+        """What a killed run left half-done (``.step-*.tmp``, ``.step-*.gone``); rank 0 removes it once resumed."""
         barrier(self.world)
         if self.world.main:
-            for tmp in self.directory.glob(".step-*.tmp"):
+            for tmp in [*self.directory.glob(".step-*.tmp"), *self.directory.glob(".step-*.gone")]:
                 shutil.rmtree(tmp, ignore_errors=True)
             for tmp in self.directory.glob(".best-epoch-*.tmp"):
                 tmp.unlink(missing_ok=True)
