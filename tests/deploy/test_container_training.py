@@ -1,9 +1,9 @@
 """The training image runs the Job's pod as Kubernetes would, not only as text: k8s/training/Dockerfile is built
 with the command it gives (the context is what git tracks at HEAD), then two containers, one per "machine", run
 the Job's own torchrun + fit command line with the pod's uid and gid, a read-only root with the /tmp and /dev/shm
-emptyDirs, capabilities dropped, and one shared /data volume. They meet at a c10d rendezvous on loopback (the
-headless Service's name is the one thing swapped), train on a tiny CSV shard, and the rank on machine 0 writes a
-bundle the service loads.
+emptyDirs, capabilities dropped, and one shared /data volume. On a network made for the test each has its Indexed
+pod's hostname and the headless Service's name for it, so they meet at the Job's own rendezvous endpoint; they
+train on a tiny CSV shard, and the rank on machine 0 writes a bundle the service loads.
 
 What the Job's command line leaves to a real cluster is narrowed by flags appended after it (fit's parser keeps
 the last value): a tiny random BERT as the base model, 4 steps, a short max length. torch comes from PyPI in a
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containers import PYTHON_BASE, REPORT, docker, image_size, shell
+from containers import PYTHON_BASE, REPORT, docker, image_size, network, shell
 from deploy_support import K8S, kustomize, one
 
 from service.bundle import load_bundle
@@ -80,7 +80,7 @@ def pod_options(pod: dict[str, Any], data: Path) -> list[str]:
     """`docker run` options for what the Job's pod spec asks of the container runtime."""
     (main,) = pod["containers"]
     security, context = pod["securityContext"], main["securityContext"]
-    options = [f"--user={security['runAsUser']}:{security['runAsGroup']}", "--network=host"]
+    options = [f"--user={security['runAsUser']}:{security['runAsGroup']}"]
     if context.get("readOnlyRootFilesystem"):
         options.append("--read-only")
     options += [f"--cap-drop={cap}" for cap in context["capabilities"]["drop"]]
@@ -99,12 +99,10 @@ def pod_options(pod: dict[str, Any], data: Path) -> list[str]:
     return options
 
 
-def node_args(main: dict[str, Any], port: int) -> list[str]:
-    """The Job's torchrun + fit arguments, rendezvous on loopback, the tiny recipe appended."""
-    args = [a.replace("bertserve-train-0.bertserve-train:29400", f"127.0.0.1:{port}") for a in main["args"]]
-    assert any(a.startswith("--rdzv-endpoint=127.0.0.1:") for a in args), args
+def node_args(main: dict[str, Any]) -> list[str]:
+    """The Job's torchrun + fit arguments, unchanged, with the tiny recipe appended."""
     tiny = ["--base-model=/data/base", "--max-steps=4", "--max-length=32", "--num-proc=1", "--threads=1"]
-    return [*args, *tiny, "--checkpoint-every=2"]
+    return [*main["args"], *tiny, "--checkpoint-every=2"]
 
 
 def free_port() -> int:
@@ -131,17 +129,27 @@ def trained(train_image: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     write_rows(data / "input" / "part-0.csv", ["text", "label"], tiny_dataset(n_per_class=40, seed=0))
     write_tiny_base_model(data / "base", seed=0)
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(data)], check=True)  # the pod's fsGroup
-    args = node_args(main, free_port())
-    names = [f"bertserve-train-{os.getpid()}-{i}" for i in range(job["spec"]["completions"])]
+    args = node_args(main)
+    hostnames = [f"{job['metadata']['name']}-{i}" for i in range(job["spec"]["completions"])]  # Indexed pods'
+    names = [f"{hostname}-{os.getpid()}" for hostname in hostnames]
     started = time.monotonic()
-    try:
-        for name in names:
-            docker("run", "-d", "--name", name, *pod_options(pod, data), train_image, *args)
-        codes = [int(docker("wait", name, timeout=600).strip()) for name in names]
-        printed = [logs(name) for name in names]
-    finally:
-        for name in names:
-            docker("rm", "-f", name, check=False)
+    with network(f"bertserve-train-test-{os.getpid()}") as net:
+        try:
+            for name, hostname in zip(names, hostnames, strict=True):
+                # the pod's DNS name through the headless Service: <hostname>.<subdomain>
+                alias = f"{hostname}.{pod['subdomain']}"
+                identity = [f"--name={name}", f"--network={net}", f"--hostname={hostname}", f"--network-alias={alias}"]
+                docker("run", "-d", *identity, *pod_options(pod, data), train_image, *args)
+            codes = []
+            for name in names:  # a run that hangs (a rendezvous nobody hosts) fails with what it printed
+                try:
+                    codes.append(int(docker("wait", name, timeout=300).strip()))
+                except subprocess.TimeoutExpired:
+                    codes.append(-1)
+            printed = [logs(name) for name in names]
+        finally:
+            for name in names:
+                docker("rm", "-f", name, check=False)
     REPORT["training Job, 2 containers x 1 process, 4 steps"] = f"{time.monotonic() - started:.0f} s"
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in printed)
     return data, printed
