@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
-from service.core import Call, Timing
+from service.core import Call, DataPlane, Timing
 from service.errors import (
     BadRequest,
     Disconnected,
@@ -287,6 +287,17 @@ def convert(payload: Any, schema: type[T], invalid: type[ServeError] = Unprocess
         return msgspec.convert(payload, schema)
     except msgspec.ValidationError as exc:
         raise invalid(validation_message(exc, getattr(schema, "__struct_fields__", ()))) from None
+
+
+async def json_request(ctx: Ctx, settings: Settings, plane: DataPlane, schema: type[T]) -> T:
+    """How every JSON inference route starts: the key, the content type, the body within the size limit, then
+    readiness (503 with its reason before any 422 about the body), then the body as ``schema``."""
+    authorize(ctx.headers, settings)
+    check_json_content_type(ctx.headers)
+    payload = loads(await read_body(ctx.receive, ctx.headers, plane.limits.max_body_bytes))
+    if not plane.ready:
+        plane.model(None)  # raises NotReady with the reason
+    return convert(payload, schema)
 
 
 def body_schema(struct: type[msgspec.Struct]) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from service.frontend.kit import (
     Routes,
     authorize,
     body_schema,
-    check_json_content_type,
     convert,
     error_docs,
+    json_request,
     json_response,
     loads,
     operation,
@@ -131,12 +131,7 @@ def routes(settings: Settings, plane: DataPlane) -> Routes:
     limit = plane.limits.max_body_bytes
 
     async def predict(ctx: Ctx) -> Reply:
-        authorize(ctx.headers, settings)
-        check_json_content_type(ctx.headers)
-        payload = loads(await read_body(ctx.receive, ctx.headers, limit))
-        if not plane.ready:
-            plane.model(None)  # raises NotReady with the reason
-        request = convert(payload, PredictRequest)
+        request = await json_request(ctx, settings, plane, PredictRequest)
         view = plane.model(request.model, request.version)
         texts, pairs, _ = split_inputs(request.inputs, view.pair)
         result = await plane.infer(view, texts, pairs, ctx.call, truncate=request.truncate, timeout_s=request.timeout_s)

@@ -30,14 +30,10 @@ from service.frontend.kit import (
     Inputs,
     Reply,
     Routes,
-    authorize,
     body_schema,
-    check_json_content_type,
-    convert,
     error_docs,
-    loads,
+    json_request,
     operation,
-    read_body,
     split_inputs,
 )
 
@@ -89,15 +85,9 @@ def encode_tei(result: InferResult, raw_scores: bool, single: bool) -> bytes:
 
 
 def routes(settings: Settings, plane: DataPlane) -> Routes:
-    limit = plane.limits.max_body_bytes
 
     async def predict(ctx: Ctx) -> Reply:
-        authorize(ctx.headers, settings)
-        check_json_content_type(ctx.headers)
-        payload = loads(await read_body(ctx.receive, ctx.headers, limit))
-        if not plane.ready:
-            plane.model(None)  # NotReady with the reason
-        request = convert(payload, TeiPredictRequest)
+        request = await json_request(ctx, settings, plane, TeiPredictRequest)
         if request.truncation_direction.lower() not in ("right", "left"):
             raise Unprocessable('truncation_direction: expected "Right" or "Left"')
         if request.truncation_direction.lower() == "left":

@@ -22,14 +22,10 @@ from service.frontend.kit import (
     HotRoute,
     Reply,
     Routes,
-    authorize,
     body_schema,
-    check_json_content_type,
-    convert,
     error_docs,
-    loads,
+    json_request,
     operation,
-    read_body,
 )
 
 
@@ -108,15 +104,9 @@ def encode_vllm(result: InferResult, model: str) -> bytes:
 
 
 def routes(settings: Settings, plane: DataPlane) -> Routes:
-    limit = plane.limits.max_body_bytes
 
     async def classify(ctx: Ctx) -> Reply:
-        authorize(ctx.headers, settings)
-        check_json_content_type(ctx.headers)
-        payload = loads(await read_body(ctx.receive, ctx.headers, limit))
-        if not plane.ready:
-            plane.model(None)  # NotReady with the reason
-        request = convert(payload, ClassificationRequest)
+        request = await json_request(ctx, settings, plane, ClassificationRequest)
         view = plane.model(request.model)
         if view.pair:
             raise Unprocessable(f"model {view.name!r} classifies text pairs; /classify takes single texts")
