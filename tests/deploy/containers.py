@@ -186,6 +186,19 @@ def running(image: str, options: Sequence[str] = (), command: Sequence[str] = ()
         container.remove()
 
 
+def security_options(pod: Mapping[str, Any]) -> list[str]:
+    """`docker run` options for a pod spec's security contexts (its first container): the uid and gid, a
+    read-only root, dropped capabilities, no privilege escalation."""
+    pod_security, security = pod["securityContext"], pod["containers"][0]["securityContext"]
+    options = [f"--user={pod_security['runAsUser']}:{pod_security['runAsGroup']}"]
+    if security.get("readOnlyRootFilesystem"):
+        options.append("--read-only")
+    options += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]
+    if security.get("allowPrivilegeEscalation") is False:
+        options.append("--security-opt=no-new-privileges:true")
+    return options
+
+
 @contextlib.contextmanager
 def network(name: str) -> Iterator[str]:
     """An internal bridge network made for one test (no route off this machine); removed afterwards."""

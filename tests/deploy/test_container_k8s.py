@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from containers import REPORT, Container, network, running
+from containers import REPORT, Container, network, running, security_options
 from deploy_support import K8S, kustomize, one
 
 pytestmark = pytest.mark.slow
@@ -44,13 +44,7 @@ def pod_options(objects: list[dict[str, Any]], bundle: Path) -> list[str]:
     """`docker run` options for what the cpu overlay's pod spec asks of the container runtime."""
     spec = one(objects, "Deployment")["spec"]["template"]["spec"]
     main = spec["containers"][0]
-    pod_security, security = spec["securityContext"], main["securityContext"]
-    options = [f"--user={pod_security['runAsUser']}:{pod_security['runAsGroup']}"]
-    if security.get("readOnlyRootFilesystem"):
-        options.append("--read-only")
-    options += [f"--cap-drop={cap}" for cap in security["capabilities"]["drop"]]
-    if security.get("allowPrivilegeEscalation") is False:
-        options.append("--security-opt=no-new-privileges:true")
+    options = security_options(spec)
     volumes = {v["name"]: v for v in spec["volumes"]}
     for mount in main["volumeMounts"]:
         assert "emptyDir" in volumes[mount["name"]], mount  # the only volume kind the base mounts

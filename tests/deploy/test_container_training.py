@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containers import PYTHON_BASE, REPORT, docker, image_size, network, shell
+from containers import PYTHON_BASE, REPORT, docker, image_size, network, security_options, shell
 from deploy_support import K8S, kustomize, one
 
 from service.bundle import load_bundle
@@ -79,13 +79,7 @@ def train_image(stand_in_images: None, tmp_path_factory: pytest.TempPathFactory)
 def pod_options(pod: dict[str, Any], data: Path) -> list[str]:
     """`docker run` options for what the Job's pod spec asks of the container runtime."""
     (main,) = pod["containers"]
-    security, context = pod["securityContext"], main["securityContext"]
-    options = [f"--user={security['runAsUser']}:{security['runAsGroup']}"]
-    if context.get("readOnlyRootFilesystem"):
-        options.append("--read-only")
-    options += [f"--cap-drop={cap}" for cap in context["capabilities"]["drop"]]
-    if context.get("allowPrivilegeEscalation") is False:
-        options.append("--security-opt=no-new-privileges:true")
+    options = security_options(pod)
     volumes = {v["name"]: v for v in pod["volumes"]}
     for mount in main["volumeMounts"]:
         volume = volumes[mount["name"]]
