@@ -25,7 +25,7 @@ from train_support import (
     run,
     served_logits,
     torchrun_argv,
-    write_uneven_csv,
+    write_tiny_work,
 )
 
 from service.bundle import load_bundle
@@ -40,10 +40,7 @@ STEPS = 4 * 24  # 4 epochs of ceil(185 training rows / global batch 8)
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("ddp")
-    write_tiny_base_model(directory / "base", seed=0)
-    write_uneven_csv(directory / "data.csv")
-    return directory
+    return write_tiny_work(tmp_path_factory.mktemp("ddp"))
 
 
 def args(work: Path, output: str, *extra: str) -> list[str]:

@@ -9,23 +9,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from train_support import probe_texts, served_logits, uneven_rows, write_uneven_csv
+from train_support import probe_texts, served_logits, uneven_rows, write_tiny_work
 
 from service.bundle import load_bundle
 from training.__main__ import main
 from training.errors import TrainingError
 from training.pipeline import FitOptions, fit
-from training.tiny import write_tiny_base_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("options")
-    write_tiny_base_model(directory / "base", seed=0)
-    write_uneven_csv(directory / "data.csv")
-    return directory
+    return write_tiny_work(tmp_path_factory.mktemp("options"))
 
 
 def options(work: Path, output: str, **overrides: object) -> FitOptions:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_support import fit_args, write_uneven_csv
+from train_support import fit_args, write_tiny_work
 
 from service.bundle import load_bundle
 from training.__main__ import main
-from training.tiny import write_tiny_base_model
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +17,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """One fit reported to both trackers: (bundle, TensorBoard logging dir, MLflow store)."""
-    work = tmp_path_factory.mktemp("tracked")
-    base = write_tiny_base_model(work / "base", seed=0)
-    data = write_uneven_csv(work / "data.csv")
+    work = write_tiny_work(tmp_path_factory.mktemp("tracked"))
     store = work / "mlruns"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
         patch.setenv("MLFLOW_EXPERIMENT_NAME", "tiny-tests")
         extra = ["--report-to", "tensorboard", "mlflow", "--logging-dir", str(work / "tb"), "--log-every", "1"]
-        assert main([*fit_args(data, base, work / "bundle", work / "cache", *extra, "--quiet", epochs=2)]) == 0
+        argv = fit_args(work / "data.csv", work / "base", work / "bundle", work / "cache", *extra, "--quiet", epochs=2)
+        assert main(argv) == 0
     return work / "bundle", work / "tb", store
 
 

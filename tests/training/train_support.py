@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from service.bundle import load_bundle
 from service.modelio import Encoder, pad_feeds
-from training.tiny import TINY_LABELS, tiny_dataset, write_rows
+from training.tiny import TINY_LABELS, tiny_dataset, write_rows, write_tiny_base_model
 
 REPO = Path(__file__).resolve().parents[2]
 # 80 + 80 + 71 rows: the validation split has 8 + 8 + 7 = 23 rows, which two processes cannot split evenly
@@ -38,6 +38,13 @@ def uneven_rows(seed: int = 0) -> list[tuple[str, str]]:
 
 def write_uneven_csv(path: Path) -> Path:
     return write_rows(path, ["text", "label"], uneven_rows())
+
+
+def write_tiny_work(directory: Path) -> Path:
+    """A working directory for tiny fits: the random tiny base model in ``base/``, the uneven CSV in ``data.csv``."""
+    write_tiny_base_model(directory / "base", seed=0)
+    write_uneven_csv(directory / "data.csv")
+    return directory
 
 
 def fit_args(data: Path, base: Path, output: Path, cache: Path, *extra: str, epochs: int = 4) -> list[str]:
