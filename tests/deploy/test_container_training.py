@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from containers import PYTHON_BASE, REPORT, docker, image_size, network, security_options, shell
-from deploy_support import K8S, kustomize, one
+from containers import (
+    PYTHON_BASE,
+    REPORT,
+    Container,
+    docker,
+    image_size,
+    network,
+    run_container,
+    security_options,
+    shell,
+)
+from deploy_support import K8S, free_port, kustomize, one
 
 from service.bundle import load_bundle
 from training.tiny import tiny_dataset, write_rows, write_tiny_base_model
@@ -99,19 +108,6 @@ def node_args(main: dict[str, Any]) -> list[str]:
     return [*main["args"], *tiny, "--checkpoint-every=2"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def logs(name: str) -> str:
-    """A container's stdout and stderr (torchrun and fit print to both)."""
-    proc = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=60, check=False)
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def trained(train_image: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """Both machines' containers run the Job to the end; the shared volume and each container's log."""
@@ -125,25 +121,25 @@ def trained(train_image: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     subprocess.run(["chown", "-R", f"{UID}:{UID}", str(data)], check=True)  # the pod's fsGroup
     args = node_args(main)
     hostnames = [f"{job['metadata']['name']}-{i}" for i in range(job["spec"]["completions"])]  # Indexed pods'
-    names = [f"{hostname}-{os.getpid()}" for hostname in hostnames]
     started = time.monotonic()
+    machines: list[Container] = []
     with network(f"bertserve-train-test-{os.getpid()}") as net:
         try:
-            for name, hostname in zip(names, hostnames, strict=True):
+            for hostname in hostnames:
                 # the pod's DNS name through the headless Service: <hostname>.<subdomain>
                 alias = f"{hostname}.{pod['subdomain']}"
-                identity = [f"--name={name}", f"--network={net}", f"--hostname={hostname}", f"--network-alias={alias}"]
-                docker("run", "-d", *identity, *pod_options(pod, data), train_image, *args)
+                identity = [f"--network={net}", f"--hostname={hostname}", f"--network-alias={alias}"]
+                machines.append(run_container(train_image, [*identity, *pod_options(pod, data)], args))
             codes = []
-            for name in names:  # a run that hangs (a rendezvous nobody hosts) fails with what it printed
+            for machine in machines:  # a run that hangs (a rendezvous nobody hosts) fails with what it printed
                 try:
-                    codes.append(int(docker("wait", name, timeout=300).strip()))
+                    codes.append(int(docker("wait", machine.id, timeout=300).strip()))
                 except subprocess.TimeoutExpired:
                     codes.append(-1)
-            printed = [logs(name) for name in names]
+            printed = [machine.logs() for machine in machines]
         finally:
-            for name in names:
-                docker("rm", "-f", name, check=False)
+            for machine in machines:
+                machine.remove()
     REPORT["training Job, 2 containers x 1 process, 4 steps"] = f"{time.monotonic() - started:.0f} s"
     assert codes == [0, 0], "\n\n".join(log[-3000:] for log in printed)
     return data, printed
